@@ -1,0 +1,184 @@
+"""The effective settings and where each came from: flag > environment > default.
+
+The token is never stored here: only where it would come from (see `token_source`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from utils import UsageError, parse_size
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_MIRROR = "https://hf-mirror.com"
+# The Hub's CDN refuses a single GET of more than 50 GB; ranged requests work.
+DEFAULT_MAX_SINGLE_GET = 50 * 10**9
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str | None
+    default: Any
+    convert: Callable[[str], Any] = str
+    doc: str = ""
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def _endpoint(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise UsageError(f"invalid endpoint {value!r}", hint="use a URL such as https://hf-mirror.com")
+    return value
+
+
+def _percent(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 100:
+        raise UsageError(f"invalid percentage {value!r}", hint="use a number between 1 and 100")
+    return number
+
+
+def _bool(value: str) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _candidates(value: str) -> tuple[str, ...]:
+    return tuple(_endpoint(v) for v in str(value).split(",") if v.strip())
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("metadata_dir", "METADATA_DIR", "metadata", _path, "task and dataset records"),
+    Setting("downloads_dir", "DOWNLOADS_DIR", "downloads", _path, "where repos are downloaded"),
+    Setting("logs_dir", "LOGS_DIR", "logs", _path, "download.log and its rotations"),
+    Setting("endpoint", "HF_ENDPOINT", DEFAULT_ENDPOINT, _endpoint, "the Hub or a mirror"),
+    Setting("tool", "HFDL_TOOL", "auto", str, "aria2c, wget, python or auto"),
+    Setting("disk_reserve", "HFDL_DISK_RESERVE", "1G", parse_size, "free space always kept"),
+    Setting("disk_warn_percent", "HFDL_DISK_WARN_PERCENT", "90", _percent,
+            "warn when the disk is this full"),
+    Setting("no_mirror", "HFDL_NO_MIRROR", "0", _bool, "never switch to the mirror by itself"),
+    Setting("mirror_candidates", "HFDL_MIRROR_CANDIDATES", f"{DEFAULT_ENDPOINT},{DEFAULT_MIRROR}",
+            _candidates, "tried in order when no endpoint is configured"),
+    Setting("max_single_get", "HFDL_MAX_SINGLE_GET", str(DEFAULT_MAX_SINGLE_GET), parse_size,
+            "bigger files are fetched in ranges"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Config:
+    """Resolved settings; `source(name)` tells where each value came from."""
+
+    def __init__(self, flags: Mapping[str, Any] | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self._values: dict[str, tuple[Any, str]] = {}
+        for s in SETTINGS:
+            flag = (flags or {}).get(s.name)
+            if flag is not None:
+                value = flag if not isinstance(flag, str) else s.convert(flag)
+                self._values[s.name] = (value, "flag")
+            elif s.env and environ.get(s.env):
+                self._values[s.name] = (s.convert(environ[s.env]), f"env {s.env}")
+            else:
+                self._values[s.name] = (s.convert(s.default), "default")
+
+    def get(self, name: str) -> Any:
+        return self._values[name][0]
+
+    def source(self, name: str) -> str:
+        return self._values[name][1]
+
+    def set(self, name: str, value: Any, source: str) -> None:
+        self._values[name] = (value, source)
+
+    @property
+    def metadata_dir(self) -> Path:
+        return self.get("metadata_dir")
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.get("downloads_dir")
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.get("logs_dir")
+
+    @property
+    def endpoint(self) -> str:
+        return self.get("endpoint")
+
+    @property
+    def endpoint_configured(self) -> bool:
+        """True when the user chose the endpoint (so no mirror auto-detection)."""
+        return self.source("endpoint") != "default"
+
+    # Kept for scripts written against the seed README.
+    def set_metadata_dir(self, path: str | Path) -> None:
+        self.set("metadata_dir", Path(path), "set_metadata_dir()")
+
+    def set_downloads_dir(self, path: str | Path) -> None:
+        self.set("downloads_dir", Path(path), "set_downloads_dir()")
+
+    def set_logs_dir(self, path: str | Path) -> None:
+        self.set("logs_dir", Path(path), "set_logs_dir()")
+
+    def rows(self) -> list[dict[str, str]]:
+        """Every setting with its value and source, for `config`; never the token."""
+        rows = []
+        for s in SETTINGS:
+            value, source = self._values[s.name]
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            rows.append({"name": s.name, "value": str(value), "source": source,
+                         "env": s.env or "", "doc": s.doc})
+        rows.append({"name": "token", "value": token_source(), "source": "",
+                     "env": "HF_TOKEN", "doc": "shown as its source only"})
+        return rows
+
+
+def token_source() -> str:
+    """Where the token would come from, without reading it into anything kept."""
+    if os.environ.get("HF_TOKEN"):
+        return "HF_TOKEN environment variable"
+    path = _token_path()
+    if path.is_file() and path.stat().st_size > 0:
+        return f"saved by 'hf auth login' ({path})"
+    return "none (public repos only)"
+
+
+def _token_path() -> Path:
+    if os.environ.get("HF_TOKEN_PATH"):
+        return Path(os.environ["HF_TOKEN_PATH"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return Path(home).expanduser() / "token"
+
+
+_config: Config | None = None
+
+
+def get_config() -> Config:
+    """The process-wide settings (created from the environment on first use)."""
+    global _config
+    if _config is None:
+        _config = Config()
+    return _config
+
+
+def load_config(flags: Mapping[str, Any] | None = None) -> Config:
+    """Build the settings from flags and the environment and make them process-wide."""
+    global _config
+    _config = Config(flags)
+    return _config
+
+
+def setting_names() -> list[str]:
+    return [s.name for s in SETTINGS]

@@ -1,0 +1,237 @@
+"""The Hub side: resolve a revision to a commit, list files, and the registry in datasets.json.
+
+All Hub API calls go through huggingface_hub's HfApi (imported lazily: it costs ~0.2 s).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+from utils import (SCHEMA_VERSION, HFDError, HubError, UsageError, now_iso, path_selected,
+                   read_json, safe_relpath, write_json_atomic)
+
+REPO_TYPES = ("model", "dataset", "space")
+_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repo at one commit, as the tree listing gives it."""
+
+    path: str
+    size: int
+    blob_id: str                 # git blob sha1 (of the LFS pointer for LFS files)
+    sha256: str | None = None    # LFS content hash
+
+    @property
+    def lfs(self) -> bool:
+        return self.sha256 is not None
+
+    @property
+    def hash_kind(self) -> str:
+        """sha256 for LFS files, the git blob sha1 for the others."""
+        return "sha256" if self.lfs else "sha1"
+
+    @property
+    def expected_hash(self) -> str:
+        return self.sha256 if self.sha256 else self.blob_id
+
+
+@dataclass(frozen=True)
+class Listing:
+    repo_id: str
+    repo_type: str
+    revision: str
+    commit: str
+    files: list[RemoteFile]
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def file_url(endpoint: str, repo_id: str, repo_type: str, commit: str, path: str) -> str:
+    """{endpoint}/[datasets/]{repo}/resolve/{commit}/{path}, quoted as huggingface_hub does."""
+    return (f"{endpoint.rstrip('/')}/{_URL_PREFIX[repo_type]}{repo_id}/resolve/"
+            f"{quote(commit, safe='')}/{quote(path, safe='/')}")
+
+
+def repo_key(repo_id: str, repo_type: str) -> str:
+    return f"{repo_type}:{repo_id}"
+
+
+def validate_repo_id(repo_id: str) -> str:
+    parts = repo_id.strip().strip("/").split("/")
+    if not repo_id.strip() or len(parts) > 2 or any(not p or p in (".", "..") for p in parts):
+        raise UsageError(f"invalid repo id {repo_id!r}",
+                         hint="use NAME or ORG/NAME, e.g. gpt2 or databricks/databricks-dolly-15k")
+    return "/".join(parts)
+
+
+# ---------------------------------------------------------------- Hub access
+
+def _api(endpoint: str, token: str | None):
+    from huggingface_hub import HfApi
+    return HfApi(endpoint=endpoint, token=token if token else False,
+                 library_name="hf-downloader")
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN, else the token that 'hf auth login' saved (found by huggingface_hub)."""
+    from huggingface_hub import get_token
+    try:
+        return get_token()
+    except Exception:  # a broken OIDC setup must not stop public downloads
+        return None
+
+
+def resolve_commit(repo_id: str, repo_type: str, revision: str, endpoint: str,
+                   token: str | None) -> str:
+    """Resolve a branch, tag or commit to the commit sha."""
+    with _hub_errors(repo_id, repo_type, revision, endpoint, token):
+        info = _api(endpoint, token).repo_info(repo_id, repo_type=repo_type, revision=revision)
+    if not info.sha:
+        raise HubError(f"{endpoint} gave no commit for {repo_id}@{revision}",
+                       hint="check that --endpoint points at a Hugging Face Hub or mirror")
+    return info.sha
+
+
+def list_files(repo_id: str, repo_type: str, revision: str, endpoint: str,
+               token: str | None, include: Iterable[str] | None = None,
+               exclude: Iterable[str] | None = None) -> Listing:
+    """Resolve the revision once, then list the tree at that commit (paged by the client)."""
+    commit = resolve_commit(repo_id, repo_type, revision, endpoint, token)
+    files: list[RemoteFile] = []
+    refused: list[tuple[str, str]] = []
+    with _hub_errors(repo_id, repo_type, revision, endpoint, token):
+        entries = _api(endpoint, token).list_repo_tree(
+            repo_id, repo_type=repo_type, revision=commit, recursive=True)
+        for entry in entries:
+            if not hasattr(entry, "blob_id"):      # a folder
+                continue
+            try:
+                path = safe_relpath(entry.path)
+            except ValueError as exc:
+                refused.append((entry.path, str(exc)))
+                continue
+            if not path_selected(path, include, exclude):
+                continue
+            sha256 = entry.lfs.sha256 if entry.lfs is not None else None
+            files.append(RemoteFile(path, int(entry.size), entry.blob_id, sha256))
+    return Listing(repo_id, repo_type, revision, commit, files, refused)
+
+
+class _hub_errors:
+    """Turn huggingface_hub and transport errors into one clear HubError."""
+
+    def __init__(self, repo_id: str, repo_type: str, revision: str, endpoint: str,
+                 token: str | None) -> None:
+        self.repo_id, self.repo_type, self.revision = repo_id, repo_type, revision
+        self.endpoint, self.token = endpoint, token
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (HFDError, KeyboardInterrupt)):
+            return False
+        raise _translate(exc, self) from exc
+
+
+def _translate(exc: BaseException, ctx: _hub_errors) -> HFDError:
+    from huggingface_hub import errors
+    what = f"{ctx.repo_type} {ctx.repo_id}"
+    type_flag = {"model": "", "dataset": " --dataset", "space": " --repo-type space"}
+    if isinstance(exc, errors.GatedRepoError):
+        if ctx.token:
+            return HubError(f"{what} is gated and your token has no access to it",
+                            hint=f"ask for access at {ctx.endpoint}/{_URL_PREFIX[ctx.repo_type]}"
+                                 f"{ctx.repo_id}, then try again")
+        return HubError(f"{what} is gated: a token is needed",
+                        hint="accept its terms on the Hub, then set HF_TOKEN=hf_... "
+                             "or run 'hf auth login'")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return HubError(f"revision {ctx.revision!r} not found in {what}",
+                        hint="use a branch, tag or commit that exists (--revision)")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        hint = ("check the name" + ("" if ctx.repo_type != "model" else
+                                     "; for a dataset add --dataset") +
+                ("; if it is private, set HF_TOKEN or run 'hf auth login'" if not ctx.token
+                 else "; if it is private, check that your token can read it"))
+        return HubError(f"{what} not found at {ctx.endpoint}", hint=hint)
+    if isinstance(exc, errors.HFValidationError):
+        return UsageError(f"invalid repo id or revision: {exc}".splitlines()[0],
+                          hint="use NAME or ORG/NAME" + type_flag.get(ctx.repo_type, ""))
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 401:
+            return HubError("the Hub refused the token (invalid credentials)",
+                            hint="check HF_TOKEN or run 'hf auth login' again")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return HubError(f"{ctx.endpoint} answered an error for {what}: {first}",
+                        hint="try again later, or use a mirror with --endpoint")
+    if _is_transport_error(exc):
+        return HubError(f"cannot reach {ctx.endpoint}: {_short(exc)}",
+                        hint="check the network or proxy (HTTPS_PROXY), "
+                             "or use a mirror: --endpoint https://hf-mirror.com")
+    return HubError(f"unexpected answer from {ctx.endpoint}: {_short(exc)}")
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    mod = type(exc).__module__ or ""
+    return isinstance(exc, OSError) or mod.startswith(("httpx", "httpcore", "requests", "urllib3"))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- the registry
+
+_registry_lock = threading.Lock()
+
+
+def registry_path(metadata_dir: Path) -> Path:
+    return Path(metadata_dir) / "datasets.json"
+
+
+def load_registry(metadata_dir: Path) -> dict[str, dict[str, Any]]:
+    data = read_json(registry_path(metadata_dir),
+                     default={"schema_version": SCHEMA_VERSION, "datasets": {}})
+    datasets = data.get("datasets")
+    if not isinstance(datasets, dict):
+        from utils import MetadataError
+        raise MetadataError(f"metadata file {registry_path(metadata_dir)} has no 'datasets' object",
+                            hint="fix or remove the file; 'add-dataset' rebuilds entries")
+    return datasets
+
+
+def register(metadata_dir: Path, listing: Listing, description: str | None = None) -> dict:
+    """Add or refresh a repo in datasets.json; returns its entry."""
+    from filelock import FileLock
+    path = registry_path(metadata_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _registry_lock, FileLock(str(path) + ".lock"):
+        datasets = load_registry(metadata_dir)
+        key = repo_key(listing.repo_id, listing.repo_type)
+        entry = datasets.get(key, {"added_at": now_iso(), "description": ""})
+        entry.update({
+            "repo_id": listing.repo_id, "repo_type": listing.repo_type,
+            "revision": listing.revision, "commit": listing.commit,
+            "file_count": len(listing.files), "total_size": listing.total_size,
+            "updated_at": now_iso(),
+        })
+        if description is not None:
+            entry["description"] = description
+        datasets[key] = entry
+        write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "datasets": datasets})
+    return entry
+
+
+def listing_to_dicts(files: Iterable[RemoteFile]) -> list[dict]:
+    return [asdict(f) for f in files]

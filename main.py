@@ -1,0 +1,509 @@
+"""hf-downloader: fetch Hugging Face models and datasets with aria2c, wget or Python.
+
+main.py parses the command line, dispatches to one handler per command, and turns errors into
+one-line messages and exit statuses (utils.ExitStatus). Nothing else lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from utils import ExitStatus, HFDError, UsageError, format_size, parse_size
+
+log = logging.getLogger("hfdl")
+
+
+# ================================================================ argument parsing
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line plus a hint, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(ExitStatus.USAGE, f"error: {message}\nhint: see 'python {self.prog} --help'\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("common options")
+    g.add_argument("--metadata-dir", help="task records (env METADATA_DIR; default ./metadata)")
+    g.add_argument("--downloads-dir", help="download root (env DOWNLOADS_DIR; default ./downloads)")
+    g.add_argument("--logs-dir", help="log folder (env LOGS_DIR; default ./logs)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    return common
+
+
+def _repo_args(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
+    p.add_argument("repo", help="repo id: NAME or ORG/NAME (e.g. gpt2)")
+    p.add_argument("--dataset", action="store_true", help="the repo is a dataset")
+    p.add_argument("--repo-type", choices=("model", "dataset", "space"),
+                   help="model (default), dataset or space")
+    p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    p.add_argument("--endpoint", help="Hub or mirror URL (env HF_ENDPOINT)")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="never switch to the mirror by itself")
+    if filters:
+        p.add_argument("--include", nargs="+", action="extend", default=[], metavar="PAT",
+                       help="only repo paths matching these globs (e.g. '*.json')")
+        p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PAT",
+                       help="skip repo paths matching these globs (exclude wins)")
+
+
+def _tool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tool", choices=("auto", "aria2c", "wget", "python"),
+                   help="download tool (env HFDL_TOOL; default auto: aria2c, else wget, else python)")
+    p.add_argument("-x", "--connections", type=_positive_int, default=8, metavar="N",
+                   help="connections per file (default 8)")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=4, metavar="N",
+                   help="files at once (default 4)")
+    p.add_argument("--retries", type=_non_negative_int, default=5, metavar="N",
+                   help="retries per file after the first try (default 5)")
+    p.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="SEC",
+                   help="a file with no new byte for this long is retried (default 60)")
+    p.add_argument("--reserve", type=_size, metavar="SIZE",
+                   help="free space always kept (env HFDL_DISK_RESERVE; default 1G)")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> Parser:
+    common = _common()
+    parser = Parser(prog="main.py", description="Download Hugging Face models and datasets "
+                    "with aria2c, wget or Python; resumable, verified, batchable.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    p = add("download", "download a repo (resumes the same download if it exists)")
+    _repo_args(p)
+    _tool_args(p)
+    p.add_argument("--local-dir", help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+    p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
+    p.add_argument("--prune", action="store_true",
+                   help="delete local files that the new commit removed")
+    _json_arg(p)
+
+    p = add("add-dataset", "register a repo (checks that it exists) without downloading")
+    _repo_args(p, filters=False)
+    p.add_argument("--description", default=None, help="a note for list-datasets")
+
+    p = add("list-datasets", "list registered repos")
+    _json_arg(p)
+
+    p = add("list-tasks", "list download tasks")
+    p.add_argument("--status", help="only tasks in this state")
+    _json_arg(p)
+
+    p = add("status", "progress of one task, or of all tasks")
+    p.add_argument("task", nargs="?", help="task id (e.g. task_001)")
+    _json_arg(p)
+
+    p = add("task-detail", "one task with its files")
+    p.add_argument("task", help="task id")
+    p.add_argument("--files", choices=("all", "pending", "downloading", "completed", "failed"),
+                   default="all", help="which files to list (default all)")
+    p.add_argument("--limit", type=_non_negative_int, default=50,
+                   help="at most this many files (0: all; default 50)")
+    _json_arg(p)
+
+    p = add("config", "effective settings and where each came from")
+    p.add_argument("--endpoint", help="as for download")
+    p.add_argument("--tool", help="as for download")
+    p.add_argument("--reserve", type=_size, help="as for download")
+    p.add_argument("--disk-warn-percent", help="warn when the disk is this full (default 90)")
+    _json_arg(p)
+    return parser
+
+
+# ================================================================ setup
+
+def load_settings(args: argparse.Namespace):
+    import config
+    flags = {"metadata_dir": args.metadata_dir, "downloads_dir": args.downloads_dir,
+             "logs_dir": args.logs_dir, "endpoint": getattr(args, "endpoint", None),
+             "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
+             "disk_warn_percent": getattr(args, "disk_warn_percent", None),
+             "no_mirror": True if getattr(args, "no_mirror", False) else None}
+    return config.load_config(flags)
+
+
+def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
+    """A rotated DEBUG log file per data folder; WARNING (minus 10 per -v) on stderr."""
+    log.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.ERROR if quiet else max(logging.DEBUG, logging.WARNING - 10 * verbose))
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(console)
+    path = Path(logs_dir) / "download.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5,
+                                                       encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the log at %s (%s); logging to stderr only", path, exc.strerror)
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return path
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def out_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str), flush=True)
+
+
+# ================================================================ handlers
+
+def repo_type_of(args: argparse.Namespace) -> str:
+    if args.dataset and args.repo_type not in (None, "dataset"):
+        raise UsageError("--dataset conflicts with --repo-type " + args.repo_type)
+    return "dataset" if args.dataset else (args.repo_type or "model")
+
+
+def cmd_download(args: argparse.Namespace, cfg) -> int:
+    import dataset_manager as dm
+    import downloader
+    from task_manager import TaskStore
+    from utils import repo_folder_name
+    repo_id = dm.validate_repo_id(args.repo)
+    repo_type = repo_type_of(args)
+    endpoint = pick_endpoint(cfg)
+    token = dm.hub_token()
+    listing = dm.list_files(repo_id, repo_type, args.revision, endpoint, token,
+                            args.include, args.exclude)
+    report_refused(listing)
+    if not listing.files:
+        if args.include or args.exclude:
+            raise UsageError(f"no file of {repo_id} matches the --include/--exclude filters",
+                             hint="check the patterns; 'download REPO --dry-run' lists the files")
+        raise HFDError(f"{repo_id} has no files at {args.revision}")
+    if args.dry_run:
+        return print_listing(listing, args.json)
+    local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir / repo_folder_name(repo_id)))
+    req = downloader.DownloadRequest(repo_id, repo_type, args.revision, local_dir,
+                                     tuple(args.include), tuple(args.exclude), args.prune)
+    opts = download_options(args, cfg)
+    tool = downloader.choose_tool(opts.tool)
+    say(args, f"{repo_type} {repo_id} @ {listing.commit[:12]}: {len(listing.files)} files, "
+              f"{format_size(listing.total_size)} -> {local_dir}")
+    say(args, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
+        f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
+    dm.register(cfg.metadata_dir, listing)
+    outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
+                                       endpoint=endpoint, token=token, opts=opts,
+                                       reserve=cfg.get("disk_reserve"), log=log,
+                                       stream=sys.stderr, quiet=args.quiet)
+    if outcome.sync is not None:
+        s = outcome.sync
+        say(args, f"new commit {listing.commit[:12]}: {len(s.added)} new, {len(s.changed)} "
+                  f"changed, {len(s.removed)} removed upstream, {s.unchanged} unchanged")
+        for path in s.removed:
+            say(args, f"  removed upstream: {path}" +
+                (" (deleted)" if path in outcome.pruned else " (kept; --prune deletes it)"))
+    return report_result(args, outcome.task, outcome.result)
+
+
+def pick_endpoint(cfg) -> str:
+    """The configured endpoint; with none configured, the first of huggingface.co and the mirror
+    that answers (mirror auto-detection), unless --no-mirror."""
+    if cfg.endpoint_configured or cfg.get("no_mirror"):
+        return cfg.endpoint
+    import system_monitor
+    candidates = list(cfg.get("mirror_candidates"))
+    chosen, checks = system_monitor.pick_endpoint(candidates, timeout=5.0)
+    if chosen is None:
+        return candidates[0]
+    if chosen != candidates[0]:
+        print(f"note: {candidates[0]} did not answer ({checks[0].error}); using the mirror "
+              f"{chosen} (set HF_ENDPOINT or --endpoint to choose, --no-mirror to turn this off)",
+              file=sys.stderr)
+    cfg.set("endpoint", chosen, "auto-detected")
+    return chosen
+
+
+def download_options(args: argparse.Namespace, cfg):
+    import downloader
+    return downloader.Options(
+        tool=cfg.get("tool"), connections=args.connections, jobs=args.jobs,
+        retries=args.retries, stall_timeout=args.stall_timeout,
+        retry_base=float(os.environ.get("HFDL_RETRY_BASE_DELAY", "1.0")),
+        max_single_get=cfg.get("max_single_get"),
+        progress_interval=float(os.environ.get("HFDL_PROGRESS_INTERVAL", "5")))
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """Diagnostics go to stderr, so stdout stays clean for --json."""
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def report_refused(listing) -> None:
+    for name, why in listing.refused:
+        print(f"warning: skipped {name!r}: {why}", file=sys.stderr)
+        log.warning("refused a file name from the Hub: %r (%s)", name, why)
+
+
+def print_listing(listing, as_json: bool) -> int:
+    if as_json:
+        out_json({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
+                  "commit": listing.commit, "total_size": listing.total_size,
+                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs} for f in listing.files]})
+        return ExitStatus.OK
+    for f in listing.files:
+        out(f"{format_size(f.size):>12}  {f.path}")
+    out(f"{len(listing.files)} files, {format_size(listing.total_size)} "
+        f"({listing.total_size} bytes) at commit {listing.commit}")
+    return ExitStatus.OK
+
+
+_RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
+                "cancelled": ExitStatus.CANCELLED}
+_PAUSE_EXIT = {"interrupted": ExitStatus.INTERRUPTED, "terminated": ExitStatus.TERMINATED,
+               "disk_full": ExitStatus.DISK_FULL}
+
+
+def report_result(args: argparse.Namespace, task: dict, result) -> int:
+    tid = task["id"]
+    if getattr(args, "json", False):
+        out_json({"task": tid, "status": result.status, "reason": result.reason,
+                  "files_total": result.files_total, "files_done": result.files_done,
+                  "files_failed": result.files_failed, "bytes_done": result.bytes_done,
+                  "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
+                  "failures": [{"path": p, "error": e} for p, e in result.failures]})
+    else:
+        out(f"{tid}: {result.status}" + (f" ({result.reason})" if result.reason else "") +
+            f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
+            f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
+        for path, error in result.failures[:20]:
+            out(f"  failed: {path}: {error}")
+    if result.status == "paused":
+        kind = result.reason.split(":")[0]
+        if kind == "disk_full":
+            print(f"error: stopped before the disk filled up ({result.reason.split(': ', 1)[-1]});"
+                  f" {format_size(task.get('bytes_total', 0) - result.bytes_done)} still to fetch",
+                  file=sys.stderr)
+            print(f"hint: free some space, then run 'python main.py resume {tid}'", file=sys.stderr)
+        else:
+            print(f"stopped; continue with 'python main.py resume {tid}'", file=sys.stderr)
+        return _PAUSE_EXIT.get(kind, ExitStatus.ERROR)
+    if result.status == "failed":
+        print(f"hint: 'python main.py resume {tid}' tries the failed files again", file=sys.stderr)
+    return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
+
+
+def cmd_add_dataset(args: argparse.Namespace, cfg) -> int:
+    import dataset_manager as dm
+    repo_id = dm.validate_repo_id(args.repo)
+    repo_type = repo_type_of(args)
+    listing = dm.list_files(repo_id, repo_type, args.revision, pick_endpoint(cfg), dm.hub_token())
+    entry = dm.register(cfg.metadata_dir, listing, args.description)
+    out(f"registered {repo_type} {repo_id} @ {listing.commit[:12]}: {entry['file_count']} files, "
+        f"{format_size(entry['total_size'])}")
+    return ExitStatus.OK
+
+
+def cmd_list_datasets(args: argparse.Namespace, cfg) -> int:
+    import dataset_manager as dm
+    datasets = dm.load_registry(cfg.metadata_dir)
+    if args.json:
+        out_json(list(datasets.values()))
+        return ExitStatus.OK
+    if not datasets:
+        out("no repos registered yet ('add-dataset REPO' or 'download REPO' adds one)")
+        return ExitStatus.OK
+    out(f"{'TYPE':8} {'REPO':45} {'FILES':>7} {'SIZE':>12}  COMMIT        DESCRIPTION")
+    for d in datasets.values():
+        out(f"{d['repo_type']:8} {d['repo_id']:45} {d.get('file_count', 0):>7} "
+            f"{format_size(d.get('total_size', 0)):>12}  {str(d.get('commit', ''))[:12]:13} "
+            f"{d.get('description', '')}")
+    return ExitStatus.OK
+
+
+def _task_row(t: dict) -> dict:
+    return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
+                                  "commit", "local_dir", "files_done", "files_failed",
+                                  "files_total", "bytes_done", "bytes_total", "tool",
+                                  "created_at", "updated_at")}
+
+
+def _pct(t: dict) -> str:
+    total = t.get("bytes_total") or 0
+    return f"{100.0 * (t.get('bytes_done') or 0) / total:5.1f}%" if total else "  -  "
+
+
+def cmd_list_tasks(args: argparse.Namespace, cfg) -> int:
+    from task_manager import TaskStore
+    tasks = [t for t in TaskStore(cfg.metadata_dir).all().values()
+             if not args.status or t.get("status") == args.status]
+    if args.json:
+        out_json([_task_row(t) for t in tasks])
+        return ExitStatus.OK
+    if not tasks:
+        out("no tasks")
+        return ExitStatus.OK
+    out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
+    for t in tasks:
+        out(f"{t['id']:9} {t.get('status', '?'):10} {_pct(t):>6} "
+            f"{t.get('files_done', 0):>5}/{t.get('files_total', 0):<5} "
+            f"{format_size(t.get('bytes_total', 0)):>11}  {t.get('repo_id')}"
+            + (" (dataset)" if t.get("repo_type") == "dataset" else ""))
+    return ExitStatus.OK
+
+
+def cmd_status(args: argparse.Namespace, cfg) -> int:
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    if not args.task:
+        return cmd_list_tasks(argparse.Namespace(status=None, json=args.json), cfg)
+    task = store.get(normalize_id(args.task))
+    row = _task_row(task)
+    row["running_pid"] = store.owner_pid(task["id"]) if store.is_locked(task["id"]) else None
+    if args.json:
+        out_json(row)
+        return ExitStatus.OK
+    out(f"{task['id']}: {task.get('status')}" + (f" ({task['reason']})" if task.get("reason") else ""))
+    out(f"  repo:   {task.get('repo_type')} {task.get('repo_id')} @ {task.get('revision')} "
+        f"({str(task.get('commit'))[:12]})")
+    out(f"  folder: {task.get('local_dir')}")
+    out(f"  files:  {task.get('files_done', 0)}/{task.get('files_total', 0)} done, "
+        f"{task.get('files_failed', 0)} failed")
+    out(f"  bytes:  {format_size(task.get('bytes_done', 0))} / "
+        f"{format_size(task.get('bytes_total', 0))} ({_pct(task).strip()})")
+    if row["running_pid"]:
+        out(f"  running in PID {row['running_pid']}")
+    return ExitStatus.OK
+
+
+def cmd_task_detail(args: argparse.Namespace, cfg) -> int:
+    from file_tracker import FileTracker
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+    rows = [{"filename": f.path, "expected_size": f.size, "lfs": f.lfs,
+             "expected_hash": f.expected_hash, **tracker.status[f.path]} for f in tracker.files
+            if args.files == "all" or tracker.status[f.path]["status"] == args.files]
+    shown = rows if args.limit == 0 else rows[:args.limit]
+    if args.json:
+        out_json({"task": _task_row(task), "counts": tracker.counts, "files": shown})
+        return ExitStatus.OK
+    cmd_status(argparse.Namespace(task=task["id"], json=False), cfg)
+    out(f"  counts: " + ", ".join(f"{k} {v}" for k, v in tracker.counts.items()))
+    out("")
+    out(f"{'STATUS':12} {'SIZE':>11} {'TRIES':>5}  FILE")
+    for r in shown:
+        out(f"{r['status']:12} {format_size(r['expected_size']):>11} {r.get('attempts', 0):>5}  "
+            f"{r['filename']}" + (f"  [{r['error']}]" if r.get("error") else ""))
+    if len(rows) > len(shown):
+        out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
+    return ExitStatus.OK
+
+
+def cmd_config(args: argparse.Namespace, cfg) -> int:
+    rows = cfg.rows()
+    if args.json:
+        out_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        return ExitStatus.OK
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        value = r["value"]
+        if r["name"] == "disk_reserve":
+            value = f"{format_size(int(value))} ({value} bytes)"
+        elif r["name"] == "disk_warn_percent":
+            value = f"{value}%"
+        source = f"[{r['source']}]" if r["source"] else ""
+        out(f"{r['name']:{width}}  {value}  {source}")
+    return ExitStatus.OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+    "download": cmd_download, "add-dataset": cmd_add_dataset, "list-datasets": cmd_list_datasets,
+    "list-tasks": cmd_list_tasks, "status": cmd_status, "task-detail": cmd_task_detail,
+    "config": cmd_config,
+}
+
+
+# ================================================================ entry point
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_settings(args)
+        log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
+        log.debug("command: %s", args.command)
+        return int(HANDLERS[args.command](args, cfg))
+    except HFDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        log.debug("error: %s", exc, exc_info=True)
+        return int(exc.exit_status)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitStatus.OK)
+    except Exception as exc:
+        log.error("unexpected error", exc_info=True)
+        if args.debug:
+            raise
+        where = "the log in the logs folder"
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"hint: this is a bug; the traceback is in {where} (or run with --debug)",
+              file=sys.stderr)
+        return int(ExitStatus.INTERNAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

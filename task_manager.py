@@ -1,0 +1,215 @@
+"""Tasks: ids, tasks.json, task folders, find-or-create, the per-task lock and lifecycle states."""
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from utils import (SCHEMA_VERSION, MetadataError, TaskLockedError, UsageError, now_iso,
+                   read_json, write_json_atomic)
+
+
+class TaskState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+FINISHED = {TaskState.COMPLETED.value}
+ENDED = {TaskState.COMPLETED.value, TaskState.CANCELLED.value, TaskState.FAILED.value}
+
+# Fields that identify "the same download": re-running it resumes the task.
+IDENTITY = ("kind", "repo_id", "repo_type", "revision", "local_dir", "include", "exclude")
+
+
+@dataclass(frozen=True)
+class TaskPaths:
+    root: Path
+
+    @property
+    def file_list(self) -> Path:
+        return self.root / "file_list.json"
+
+    @property
+    def file_status(self) -> Path:
+        return self.root / "file_status.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "task_metadata.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def owner(self) -> Path:
+        return self.root / "owner.json"
+
+    @property
+    def cancel_flag(self) -> Path:
+        return self.root / "cancel-requested"
+
+
+class TaskStore:
+    """tasks.json (the index) and metadata/tasks/<id>/ (the details)."""
+
+    def __init__(self, metadata_dir: Path) -> None:
+        self.root = Path(metadata_dir)
+        self.index = self.root / "tasks.json"
+
+    # ------------------------------------------------------------ the index
+
+    @contextlib.contextmanager
+    def _index_lock(self) -> Iterator[None]:
+        from filelock import FileLock
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.index) + ".lock", timeout=60):
+            yield
+
+    def _read_index(self) -> dict[str, Any]:
+        data = read_json(self.index, default={"schema_version": SCHEMA_VERSION, "next_id": 1,
+                                              "tasks": {}})
+        if not isinstance(data.get("tasks"), dict):
+            raise MetadataError(f"metadata file {self.index} has no 'tasks' object",
+                                hint="restore it from a backup, or move it aside (task folders "
+                                     "under tasks/ keep each task's details)")
+        return data
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return self._read_index()["tasks"]
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        task_id = normalize_id(task_id)
+        task = self.all().get(task_id)
+        if task is None:
+            raise UsageError(f"no task {task_id}", hint="'python main.py list-tasks' shows the tasks")
+        return task
+
+    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Add a task with the next id (task_001, task_002, ...)."""
+        with self._index_lock():
+            data = self._read_index()
+            number = max(int(data.get("next_id", 1)), _highest_id(data["tasks"]) + 1)
+            task_id = f"task_{number:03d}"
+            stamp = now_iso()
+            task = {"id": task_id, "status": TaskState.PENDING.value, "reason": "",
+                    "created_at": stamp, "updated_at": stamp, **spec}
+            data["tasks"][task_id] = task
+            data["next_id"] = number + 1
+            self.paths(task_id).root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.index, data)
+        self.write_metadata(task)
+        return task
+
+    def update(self, task_id: str, **fields: Any) -> dict[str, Any]:
+        """Change fields of a task in tasks.json and task_metadata.json."""
+        with self._index_lock():
+            data = self._read_index()
+            task = data["tasks"].get(task_id)
+            if task is None:
+                raise UsageError(f"no task {task_id}")
+            task.update(fields)
+            task["updated_at"] = now_iso()
+            write_json_atomic(self.index, data)
+        self.write_metadata(task)
+        return task
+
+    def remove(self, task_id: str) -> None:
+        with self._index_lock():
+            data = self._read_index()
+            data["tasks"].pop(task_id, None)
+            write_json_atomic(self.index, data)
+        shutil.rmtree(self.paths(task_id).root, ignore_errors=True)
+
+    def find(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The newest unfinished-or-finished task for the same download, if any."""
+        matches = [t for t in self.all().values()
+                   if all(t.get(k) == spec.get(k) for k in IDENTITY)]
+        return max(matches, key=lambda t: t["id"]) if matches else None
+
+    # ------------------------------------------------------------ the task folder
+
+    def paths(self, task_id: str) -> TaskPaths:
+        return TaskPaths(self.root / "tasks" / task_id)
+
+    def write_metadata(self, task: dict[str, Any]) -> None:
+        write_json_atomic(self.paths(task["id"]).metadata,
+                          {"schema_version": SCHEMA_VERSION, **task})
+
+    # ------------------------------------------------------------ lock and cancel
+
+    @contextlib.contextmanager
+    def lock(self, task_id: str) -> Iterator[None]:
+        """Hold the task for this process; a second process is refused at once.
+
+        The lock is a flock, so the kernel drops it when the holder dies (even kill -9):
+        a stale lock never needs cleaning up.
+        """
+        from filelock import FileLock, Timeout
+        paths = self.paths(task_id)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(paths.lock), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise TaskLockedError(f"{task_id} is being run by another process "
+                                  f"(PID {self.owner_pid(task_id) or 'unknown'})",
+                                  hint=f"wait for it, or stop it with 'python main.py cancel "
+                                       f"{task_id}'") from None
+        try:
+            write_json_atomic(paths.owner, {"pid": os.getpid(), "since": now_iso()})
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                paths.owner.unlink()
+            lock.release()
+
+    def owner_pid(self, task_id: str) -> int | None:
+        try:
+            return int(read_json(self.paths(task_id).owner).get("pid"))
+        except (MetadataError, TypeError, ValueError):
+            return None
+
+    def is_locked(self, task_id: str) -> bool:
+        from filelock import FileLock, Timeout
+        lock = FileLock(str(self.paths(task_id).lock), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
+    def request_cancel(self, task_id: str) -> None:
+        flag = self.paths(task_id).cancel_flag
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text(now_iso())
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return self.paths(task_id).cancel_flag.exists()
+
+    def clear_cancel(self, task_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.paths(task_id).cancel_flag.unlink()
+
+
+def normalize_id(task_id: str) -> str:
+    """'task_001', '1', '001' -> 'task_001'."""
+    text = str(task_id).strip()
+    digits = text[5:] if text.startswith("task_") else text
+    if not digits.isdigit():
+        raise UsageError(f"invalid task id {task_id!r}", hint="task ids look like task_001")
+    return f"task_{int(digits):03d}"
+
+
+def _highest_id(tasks: dict[str, Any]) -> int:
+    numbers = [int(k[5:]) for k in tasks if k.startswith("task_") and k[5:].isdigit()]
+    return max(numbers, default=0)

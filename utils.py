@@ -1,0 +1,260 @@
+"""Small shared pieces: error types, sizes, atomic JSON, safe paths, hashing, glob matching."""
+from __future__ import annotations
+
+import enum
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+
+class ExitStatus(enum.IntEnum):
+    """Exit statuses, stable for scripts (listed in README.md)."""
+
+    OK = 0
+    ERROR = 1            # a known error: nothing (more) could be done
+    USAGE = 2            # bad command line or flag value
+    FILES_FAILED = 3     # the task ran to the end but some files failed
+    DISK_FULL = 4        # stopped before the disk filled; resume after freeing space
+    CANCELLED = 5        # cancelled from another terminal
+    LOCKED = 6           # another process holds the task
+    INTERNAL = 70        # a bug: the log holds the traceback
+    INTERRUPTED = 130    # Ctrl-C
+    TERMINATED = 143     # SIGTERM
+
+
+# ---------------------------------------------------------------- errors
+
+class HFDError(Exception):
+    """An error meant for the user: one line, an optional hint, an exit status."""
+
+    exit_status: ExitStatus = ExitStatus.ERROR
+
+    def __init__(self, message: str, hint: str | None = None,
+                 exit_status: ExitStatus | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        if exit_status is not None:
+            self.exit_status = exit_status
+
+
+class UsageError(HFDError):
+    exit_status = ExitStatus.USAGE
+
+
+class HubError(HFDError):
+    """The Hub said no: unknown repo, gated repo, bad revision, unreachable endpoint."""
+
+
+class MetadataError(HFDError):
+    """A metadata file is missing, corrupt or of an unknown schema."""
+
+
+class TaskLockedError(HFDError):
+    exit_status = ExitStatus.LOCKED
+
+
+class DiskSpaceError(HFDError):
+    exit_status = ExitStatus.DISK_FULL
+
+
+class ToolError(HFDError):
+    """An external tool is missing or misbehaved."""
+
+
+# ---------------------------------------------------------------- sizes
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12, "p": 10**15, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+# Bare letters (1G, 10T) follow the df/ls convention: binary multiples.
+_UNITS.update({"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50})
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'1073741824', '1G', '500GiB', '10T', '1.5TB' -> bytes. G/GiB are binary, GB decimal."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise UsageError(f"invalid size {text!r}",
+                         hint="use bytes or a unit, e.g. 1073741824, 500M, 1G, 500GiB, 10TB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes -> '1.50 GiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} PiB"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "--:--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---------------------------------------------------------------- JSON
+
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = 1) -> None:
+    """Write JSON so readers see the old file or the new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable: fsync the folder that holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, *, kind: dict | list = dict, default: Any = None) -> Any:
+    """Read a JSON metadata file; a corrupt one is a MetadataError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        if default is not None:
+            return default
+        raise MetadataError(f"metadata file {path} is missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"metadata file {path} is corrupt ({exc})", hint=_RECOVER_HINT)
+    if not isinstance(data, kind):
+        raise MetadataError(f"metadata file {path} has the wrong shape (expected a JSON "
+                            f"{'object' if kind is dict else 'list'})", hint=_RECOVER_HINT)
+    if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise MetadataError(f"metadata file {path} was written by a newer version of this tool",
+                            hint="upgrade this tool, or point --metadata-dir elsewhere")
+    return data
+
+
+_RECOVER_HINT = ("restore it from a backup, or move it aside and run "
+                 "'python main.py fix-progress' to rebuild the state from the files on disk")
+
+
+# ---------------------------------------------------------------- paths
+
+def safe_relpath(name: str) -> str:
+    """Validate a repo path before it is joined to a local folder; return it normalised."""
+    if not name or "\x00" in name or "\\" in name:
+        raise ValueError(f"unsafe file name from the Hub: {name!r}")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"absolute file name from the Hub refused: {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"file name from the Hub would leave the target folder: {name!r}")
+    return posixpath.normpath(name)
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """root / name, refusing any name that would land outside root."""
+    rel = safe_relpath(name)
+    target = (Path(root) / rel)
+    root_resolved = Path(os.path.abspath(root))
+    if not os.path.abspath(target).startswith(str(root_resolved) + os.sep):
+        raise ValueError(f"file name from the Hub would leave the target folder: {name!r}")
+    return target
+
+
+def repo_folder_name(repo_id: str) -> str:
+    """'gpt2' -> 'gpt2', 'org/name' -> 'org--name' (the default download folder)."""
+    return repo_id.replace("/", "--")
+
+
+# ---------------------------------------------------------------- hashing
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+def git_blob_hasher(size: int) -> "hashlib._Hash":
+    """A sha1 primed with git's blob header: the hash of the file equals its git oid."""
+    h = hashlib.sha1()
+    h.update(f"blob {size}\0".encode())
+    return h
+
+
+def new_hasher(kind: str, size: int) -> "hashlib._Hash":
+    return hashlib.sha256() if kind == "sha256" else git_blob_hasher(size)
+
+
+def hash_file(path: Path, kind: str, size: int, *, start_hasher=None, offset: int = 0) -> str:
+    """sha256 or git blob sha1 of a file, streamed in big chunks."""
+    h = start_hasher or new_hasher(kind, size)
+    with open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- filters
+
+def glob_match(path: str, pattern: str) -> bool:
+    """fnmatch on the whole repo path; a pattern without '/' also matches the base name."""
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(posixpath.basename(path), pattern)
+    return False
+
+
+def path_selected(path: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> bool:
+    """Include globs (any), then exclude globs (exclude wins)."""
+    include = list(include or [])
+    if include and not any(glob_match(path, p) for p in include):
+        return False
+    return not any(glob_match(path, p) for p in (exclude or []))
