@@ -238,7 +238,7 @@ def child_env() -> dict[str, str]:
         value = os.environ.get(name) or os.environ.get(name.upper())
         if value:
             env[name] = env[name.upper()] = value
-    env["LC_ALL"] = "C"
+    env["LC_ALL"] = "C.UTF-8"      # English messages to parse; UTF-8 file names intact
     return env
 
 
@@ -341,13 +341,27 @@ class Backend:
 
 class Aria2Backend(Backend):
     name = "aria2c"
-    partial_kinds = ("seq", "aria2")
+    partial_kinds = ("seq", "aria2", "parts")
+
+    def too_big(self, job: Job) -> bool:
+        """The CDN refuses one GET above max_single_get, and both tools open with one
+        (aria2c's first connection never sends Range, even when resuming with its control
+        file), so such files, or their ranged partials, go to the python backend."""
+        return job.file.size > job.max_single_get or _parts_path(job.partial).exists()
+
+    def fetch_in_ranges(self, job: Job, report, stop) -> str | None:
+        self.log.warning("%s is bigger than %s: %s cannot fetch it in ranged requests only, so "
+                         "the python backend fetches it in parts", job.file.path,
+                         format_size(job.max_single_get), self.name)
+        if not hasattr(self, "_python"):
+            self._python = PythonBackend(self.opts, self.children, self.log)
+        return self._python.fetch(job, report, stop)
 
     def fetch(self, job: Job, report, stop) -> str | None:
+        if self.too_big(job):
+            return self.fetch_in_ranges(job, report, stop)
         url = self.tool_url(job)
         split = max(1, job.connections)
-        if job.file.size > job.max_single_get:   # the CDN refuses one GET of it: must split
-            split = max(split, -(-job.file.size // job.max_single_get) + 1)
         min_split = max(1 << 20, min(job.max_single_get, -(-job.file.size // split)))
         lines = [url, f"  dir={job.partial.parent}", f"  out={job.partial.name}"]
         for name, value in auth_headers(url, job).items():
@@ -366,6 +380,7 @@ class Aria2Backend(Backend):
 
     def _run(self, argv, stdin_text, job, report, stop) -> None:
         out = job.partial.with_name(job.partial.name + ".log")
+        self.log.info("running: %s", redact(" ".join(argv), job.token))
         with open(out, "wb") as stdout:
             proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=stdout)
             try:
@@ -395,12 +410,15 @@ class Aria2Backend(Backend):
 
 class WgetBackend(Aria2Backend):
     name = "wget"
-    partial_kinds = ("seq",)
+    partial_kinds = ("seq", "parts")
 
     def fetch(self, job: Job, report, stop) -> str | None:
+        if self.too_big(job):
+            return self.fetch_in_ranges(job, report, stop)
         url = self.tool_url(job)
         headers = auth_headers(url, job)
-        argv = ["wget", "--continue", "--tries=1", "--server-response", "--no-verbose",
+        # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
+        argv = ["wget", "--continue", "--no-iri", "--tries=1", "--server-response", "--no-verbose",
                 f"--timeout={int(max(5, self.opts.stall_timeout))}",
                 f"--user-agent={USER_AGENT}", f"--output-document={job.partial}"]
         config_dir = None
@@ -678,7 +696,7 @@ class Progress:
         self.stream, self.interval, self.quiet = stream, interval, quiet
         self.started = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque(maxlen=40)
-        self._last_line = 0.0
+        self._last_line = time.monotonic()
         self.bar = None
         if not quiet and stream.isatty():
             from tqdm import tqdm
@@ -726,7 +744,7 @@ class Progress:
             return
         if force or now - self._last_line >= self.interval:
             self._last_line = now
-            print(self.line(), file=self.stream, flush=True)
+            print(self.line(final=force), file=self.stream, flush=True)
 
     def speed(self) -> float:
         if len(self._samples) < 2:
@@ -734,8 +752,11 @@ class Progress:
         (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def line(self) -> str:
+    def line(self, final: bool = False) -> str:
         done, speed = self.bytes_done(), self.speed()
+        if final:       # the average over the run, not the last few seconds
+            elapsed = time.monotonic() - self.started
+            speed = self.fetched / elapsed if elapsed > 0 else 0.0
         eta = (self.total_bytes - done) / speed if speed > 0 else None
         pct = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
         return (f"progress: {format_size(done)} / {format_size(self.total_bytes)} ({pct:.1f}%), "

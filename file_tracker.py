@@ -6,7 +6,6 @@ coalesced (at most every `min_interval` seconds, and at the end), never per chun
 from __future__ import annotations
 
 import enum
-import json
 import os
 import threading
 import time
@@ -263,5 +262,107 @@ def check_file(path: Path, f: RemoteFile, *, quick: bool = False) -> CheckResult
     return CheckResult(f.path, "ok")
 
 
-def dump_status_json(tracker: FileTracker) -> str:
-    return json.dumps(tracker.status)
+def check_files(tracker: FileTracker, local_dir: Path, paths: Iterable[str], *, quick: bool = False,
+                workers: int | None = None) -> list[CheckResult]:
+    """Check many files, hashing in a thread pool (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from utils import safe_join
+    paths = list(paths)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: check_file(safe_join(local_dir, p), tracker.by_path[p],
+                                                  quick=quick), paths))
+
+
+def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckResult], *,
+                 missing_ok: bool = False) -> list[CheckResult]:
+    """Record check results: ok files completed, bad ones failed (and taken off their final
+    name, so resume fetches them again), missing ones pending. Returns the bad ones."""
+    from utils import safe_join
+    bad = []
+    for r in results:
+        f = tracker.by_path[r.path]
+        if r.verdict == "ok":
+            if tracker.status[r.path]["status"] != FileState.COMPLETED.value:
+                tracker.complete(r.path, f.size)
+            continue
+        if r.verdict == "missing":
+            if missing_ok:
+                continue
+            tracker.reset(r.path, "missing on disk")
+        else:
+            final = safe_join(local_dir, r.path)
+            _take_off_final_name(final, f, r)
+            tracker.set_state(r.path, FileState.FAILED, error=f"{r.verdict}: {r.detail}",
+                              actual_size=0, completed_at=None)
+        bad.append(r)
+    return bad
+
+
+def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
+    """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
+    partial = final.with_name(final.name + ".incomplete")
+    try:
+        if r.verdict == "size mismatch" and final.stat().st_size < f.size:
+            os.replace(final, partial)
+        else:
+            final.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
+                        missing_ok: bool = False) -> dict[str, int]:
+    """fix-progress: make every file's state match the disk; returns counts of changes."""
+    from utils import safe_join
+    changes = {"now_completed": 0, "now_pending": 0, "now_failed": 0}
+    to_check = []
+    for f in tracker.files:
+        state = tracker.status[f.path]["status"]
+        final = safe_join(local_dir, f.path)
+        exists = final.is_file()
+        if state == FileState.COMPLETED.value and not exists:
+            if not missing_ok:
+                tracker.reset(f.path, "missing on disk")
+                changes["now_pending"] += 1
+        elif state != FileState.COMPLETED.value and exists:
+            to_check.append(f.path)
+        elif state == FileState.COMPLETED.value and final.stat().st_size != f.size:
+            to_check.append(f.path)
+        elif state == FileState.DOWNLOADING.value:
+            tracker.set_state(f.path, FileState.PENDING)
+            changes["now_pending"] += 1
+    for r in check_files(tracker, local_dir, to_check):
+        before = tracker.status[r.path]["status"]
+        apply_checks(tracker, local_dir, [r], missing_ok=missing_ok)
+        after = tracker.status[r.path]["status"]
+        if after != before:
+            key = {"completed": "now_completed", "pending": "now_pending"}.get(after, "now_failed")
+            changes[key] += 1
+    return changes
+
+
+def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
+    """Remove the task's files (and partials) from disk, then the folders left empty."""
+    from utils import safe_join
+    removed = 0
+    folders = set()
+    for f in tracker.files:
+        final = safe_join(local_dir, f.path)
+        for p in (final, final.with_name(final.name + ".incomplete"),
+                  final.with_name(final.name + ".incomplete.aria2"),
+                  final.with_name(final.name + ".incomplete.parts")):
+            try:
+                p.unlink()
+                removed += p == final
+            except FileNotFoundError:
+                pass
+        folders.add(final.parent)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        while folder != local_dir.parent and folder.is_dir():
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+    return removed

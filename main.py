@@ -160,6 +160,40 @@ def build_parser() -> Parser:
     p.add_argument("--reserve", type=_size, help="as for download")
     p.add_argument("--disk-warn-percent", help="warn when the disk is this full (default 90)")
     _json_arg(p)
+
+    p = add("resume", "continue an interrupted, paused, cancelled or failed task")
+    p.add_argument("task", help="task id (e.g. task_001)")
+    p.add_argument("--endpoint", help="Hub or mirror URL (default: the task's, or HF_ENDPOINT)")
+    _tool_args(p)
+    _json_arg(p)
+
+    p = add("cancel", "stop a running task (from another terminal) and mark it cancelled")
+    p.add_argument("task", help="task id")
+    p.add_argument("--wait", type=_positive_float, default=30.0, metavar="SEC",
+                   help="how long to wait for the running download to stop (default 30)")
+
+    p = add("verify", "re-check the files of a task on disk (size and hash)")
+    p.add_argument("task", help="task id")
+    p.add_argument("--quick", action="store_true", help="check sizes only")
+    _json_arg(p)
+
+    p = add("clean", "remove the records of finished tasks (files stay unless --delete-files)")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="only these tasks")
+    p.add_argument("--all", action="store_true", help="also cancelled and failed tasks")
+    p.add_argument("--delete-files", action="store_true",
+                   help="also delete the downloaded files of the removed tasks")
+
+    p = add("fix-progress", "rebuild per-file status and counters from the files on disk")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="only these tasks (default: all)")
+
+    p = add("check-system", "disk space, write permission, endpoint, CPU and memory")
+    p.add_argument("--path", help="folder to check (default: the downloads folder)")
+    p.add_argument("--size", type=_size, default=0, metavar="SIZE",
+                   help="bytes you plan to download (e.g. 500G)")
+    p.add_argument("--endpoint", help="Hub or mirror URL (env HF_ENDPOINT)")
+    p.add_argument("--reserve", type=_size, metavar="SIZE", help="free space always kept")
+    p.add_argument("--disk-warn-percent", help="warn when the disk is this full (default 90)")
+    _json_arg(p)
     return parser
 
 
@@ -467,10 +501,174 @@ def cmd_config(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK
 
 
+def cmd_resume(args: argparse.Namespace, cfg) -> int:
+    import dataset_manager as dm
+    import downloader
+    from file_tracker import FileTracker
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
+    opts = download_options(args, cfg)
+    with store.lock(task["id"]):
+        tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+        say(args, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
+                  f"{tracker.meta['commit'][:12]} -> {task['local_dir']}")
+        result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=dm.hub_token(),
+                                     opts=opts, reserve=cfg.get("disk_reserve"), log=log,
+                                     stream=sys.stderr, quiet=args.quiet)
+    return report_result(args, store.get(task["id"]), result)
+
+
+def cmd_cancel(args: argparse.Namespace, cfg) -> int:
+    import time
+    from task_manager import TaskStore, normalize_id
+    from utils import TaskLockedError
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    tid = task["id"]
+    if task.get("status") == "completed":
+        raise HFDError(f"{tid} is already completed; nothing to cancel")
+    if store.is_locked(tid):
+        pid = store.owner_pid(tid)
+        store.request_cancel(tid)
+        out(f"asked {tid} (PID {pid or 'unknown'}) to stop...")
+        deadline = time.monotonic() + args.wait
+        while store.is_locked(tid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if store.is_locked(tid):
+            raise HFDError(f"{tid} is still running after {args.wait:g} s",
+                           hint=f"it will stop at its next check; or end PID {pid} with kill")
+        out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
+        return ExitStatus.OK
+    try:
+        with store.lock(tid):
+            store.clear_cancel(tid)
+            store.update(tid, status="cancelled", reason="cancelled by the user", pid=None)
+    except TaskLockedError:
+        raise HFDError(f"{tid} just started running; run cancel again") from None
+    out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
+    return ExitStatus.OK
+
+
+def cmd_verify(args: argparse.Namespace, cfg) -> int:
+    import file_tracker as ft
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    local_dir = Path(task["local_dir"])
+    with store.lock(task["id"]):
+        tracker = ft.FileTracker.load(store.paths(task["id"]), task["id"])
+        results = ft.check_files(tracker, local_dir, [f.path for f in tracker.files],
+                                 quick=args.quick)
+        bad = ft.apply_checks(tracker, local_dir, results)
+        tracker.save()
+        summary = tracker.summary()
+        status = task.get("status")
+        if bad and status == "completed":
+            status = "failed"
+        store.update(task["id"], status=status,
+                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
+                     **summary)
+    if args.json:
+        out_json({"task": task["id"], "ok": not bad, "checked": len(results),
+                  "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
+                            for r in results]})
+    else:
+        for r in results:
+            if r.verdict != "ok" or args.verbose:
+                out(f"{r.verdict.upper():14} {r.path}" + (f"  ({r.detail})" if r.detail else ""))
+        kind = "sizes" if args.quick else "sizes and hashes"
+        out(f"{task['id']}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
+        if bad:
+            out(f"{len(bad)} bad files were marked for download; "
+                f"'python main.py resume {task['id']}' fetches them again")
+    return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
+
+
+def cmd_clean(args: argparse.Namespace, cfg) -> int:
+    import file_tracker as ft
+    from task_manager import ENDED, FINISHED, TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    wanted = {normalize_id(t) for t in args.tasks}
+    states = ENDED if args.all else FINISHED
+    removed = 0
+    for tid, task in sorted(store.all().items()):
+        if wanted and tid not in wanted or task.get("status") not in states:
+            continue
+        if store.is_locked(tid):
+            out(f"skipped {tid}: it is running")
+            continue
+        note = ""
+        if args.delete_files:
+            try:
+                tracker = ft.FileTracker.load(store.paths(tid), tid)
+                note = f", {ft.delete_local_files(tracker, Path(task['local_dir']))} files deleted"
+            except HFDError as exc:
+                note = f", files not deleted ({exc})"
+        store.remove(tid)
+        removed += 1
+        out(f"removed {tid} ({task.get('status')}, {task.get('repo_id')}){note}")
+    for tid in sorted(wanted - set(store.all())):
+        out(f"no task {tid}")
+    if not removed:
+        which = "completed" if not args.all else "completed, cancelled or failed"
+        out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))
+    elif not args.delete_files:
+        out("downloaded files were kept (--delete-files removes them)")
+    return ExitStatus.OK
+
+
+def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
+    import file_tracker as ft
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    if not store.index_ok():
+        ids = store.rebuild_index()
+        out(f"rebuilt {store.index} from {len(ids)} task folders")
+    wanted = [normalize_id(t) for t in args.tasks] or sorted(store.all())
+    for tid in wanted:
+        task = store.get(tid)
+        with store.lock(tid):
+            try:
+                tracker = ft.FileTracker.load(store.paths(tid), tid)
+            except HFDError:
+                tracker = ft.FileTracker.rebuild(store.paths(tid), tid)
+                out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
+            changes = ft.reconcile_with_disk(tracker, Path(task["local_dir"]))
+            tracker.save()
+            summary = tracker.summary()
+            status = task.get("status")
+            if status in ("running", "completed") and summary["files_done"] < summary["files_total"]:
+                status = "paused"
+            elif summary["files_done"] == summary["files_total"]:
+                status = "completed"
+            store.update(tid, status=status, pid=None, **summary)
+        changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in changes.items() if v)
+        out(f"{tid}: {changed or 'no change'} ({summary['files_done']}/{summary['files_total']} "
+            f"files complete, status {status})")
+    return ExitStatus.OK
+
+
+def cmd_check_system(args: argparse.Namespace, cfg) -> int:
+    import system_monitor
+    path = Path(args.path) if args.path else cfg.downloads_dir
+    endpoint = cfg.endpoint if cfg.endpoint_configured else pick_endpoint(cfg)
+    report = system_monitor.check_system(path, size=args.size, reserve=cfg.get("disk_reserve"),
+                                         warn_percent=cfg.get("disk_warn_percent"),
+                                         endpoint=endpoint)
+    if args.json:
+        out_json(report.to_json())
+    else:
+        out(system_monitor.format_report(report))
+    return ExitStatus.OK if report.ok else ExitStatus.ERROR
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "download": cmd_download, "add-dataset": cmd_add_dataset, "list-datasets": cmd_list_datasets,
     "list-tasks": cmd_list_tasks, "status": cmd_status, "task-detail": cmd_task_detail,
-    "config": cmd_config,
+    "config": cmd_config, "resume": cmd_resume, "cancel": cmd_cancel, "verify": cmd_verify,
+    "clean": cmd_clean, "fix-progress": cmd_fix_progress, "check-system": cmd_check_system,
 }
 
 

@@ -77,14 +77,17 @@ class TaskStore:
     def _read_index(self) -> dict[str, Any]:
         data = read_json(self.index, default={"schema_version": SCHEMA_VERSION, "next_id": 1,
                                               "tasks": {}})
-        if not isinstance(data.get("tasks"), dict):
-            raise MetadataError(f"metadata file {self.index} has no 'tasks' object",
-                                hint="restore it from a backup, or move it aside (task folders "
-                                     "under tasks/ keep each task's details)")
+        if not isinstance(data.get("tasks"), dict) or not all(
+                isinstance(t, dict) for t in data["tasks"].values()):
+            raise MetadataError(f"metadata file {self.index} has no valid 'tasks' object",
+                                hint=_INDEX_HINT)
         return data
 
     def all(self) -> dict[str, dict[str, Any]]:
-        return self._read_index()["tasks"]
+        try:
+            return self._read_index()["tasks"]
+        except MetadataError as exc:
+            raise MetadataError(str(exc), hint=_INDEX_HINT) from None
 
     def get(self, task_id: str) -> dict[str, Any]:
         task_id = normalize_id(task_id)
@@ -134,6 +137,30 @@ class TaskStore:
         matches = [t for t in self.all().values()
                    if all(t.get(k) == spec.get(k) for k in IDENTITY)]
         return max(matches, key=lambda t: t["id"]) if matches else None
+
+    def rebuild_index(self) -> list[str]:
+        """fix-progress: rebuild tasks.json from each task folder's task_metadata.json."""
+        with self._index_lock():
+            tasks: dict[str, Any] = {}
+            folder = self.root / "tasks"
+            for meta in sorted(folder.glob("task_*/task_metadata.json")) if folder.is_dir() else []:
+                try:
+                    data = read_json(meta)
+                except MetadataError:
+                    continue
+                data.pop("schema_version", None)
+                if data.get("id") == meta.parent.name:
+                    tasks[data["id"]] = data
+            write_json_atomic(self.index, {"schema_version": SCHEMA_VERSION,
+                                           "next_id": _highest_id(tasks) + 1, "tasks": tasks})
+        return sorted(tasks)
+
+    def index_ok(self) -> bool:
+        try:
+            self._read_index()
+        except MetadataError:
+            return False
+        return True
 
     # ------------------------------------------------------------ the task folder
 
@@ -199,6 +226,10 @@ class TaskStore:
     def clear_cancel(self, task_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.paths(task_id).cancel_flag.unlink()
+
+
+_INDEX_HINT = ("run 'python main.py fix-progress' to rebuild it from the task folders "
+               "(metadata/tasks/*/task_metadata.json)")
 
 
 def normalize_id(task_id: str) -> str:
