@@ -26,8 +26,8 @@ class Setting:
     doc: str = ""
 
 
-def _path(value: str) -> Path:
-    return Path(value).expanduser()
+def _path(value: str | Path) -> Path:
+    return Path(os.path.abspath(Path(value).expanduser()))
 
 
 def _endpoint(value: str) -> str:
@@ -83,7 +83,7 @@ class Config:
         for s in SETTINGS:
             flag = (flags or {}).get(s.name)
             if flag is not None:
-                value = flag if not isinstance(flag, str) else s.convert(flag)
+                value = s.convert(flag) if isinstance(flag, (str, Path)) else flag
                 self._values[s.name] = (value, "flag")
             elif s.env and environ.get(s.env):
                 self._values[s.name] = (s.convert(environ[s.env]), f"env {s.env}")
@@ -122,13 +122,13 @@ class Config:
 
     # Kept for scripts written against the seed README.
     def set_metadata_dir(self, path: str | Path) -> None:
-        self.set("metadata_dir", Path(path), "set_metadata_dir()")
+        self.set("metadata_dir", _path(path), "set_metadata_dir()")
 
     def set_downloads_dir(self, path: str | Path) -> None:
-        self.set("downloads_dir", Path(path), "set_downloads_dir()")
+        self.set("downloads_dir", _path(path), "set_downloads_dir()")
 
     def set_logs_dir(self, path: str | Path) -> None:
-        self.set("logs_dir", Path(path), "set_logs_dir()")
+        self.set("logs_dir", _path(path), "set_logs_dir()")
 
     def rows(self) -> list[dict[str, str]]:
         """Every setting with its value and source, for `config`; never the token."""

@@ -134,8 +134,6 @@ def http_error(status: int, url: str, headers, body: str = "") -> FetchError:
     if status == 429:
         return FetchError("rate limited (429)", retry_after=retry_after_seconds(headers) or 5.0)
     code = headers.get("X-Error-Code", "")
-    if status in (401, 403) and not same_origin_hint(url):
-        pass
     if code == "GatedRepo" or (status == 401 and code in ("", "RepoNotFound")):
         return FetchError(f"HTTP {status} {code or 'unauthorized'}: access refused",
                           fatal=code != "")
@@ -147,10 +145,6 @@ def http_error(status: int, url: str, headers, body: str = "") -> FetchError:
     if status == 416:
         return FetchError("HTTP 416 (range not satisfiable)", discard=True)
     return FetchError(f"HTTP {status}")
-
-
-def same_origin_hint(url: str) -> bool:
-    return True
 
 
 def resolve_location(session, job: Job, timeout: float) -> str:
@@ -314,6 +308,7 @@ class Backend:
         if s is None:
             s = requests.Session()
             s.headers["User-Agent"] = USER_AGENT
+            s.headers["Accept-Encoding"] = "identity"    # byte offsets must be file offsets
             self._local.session = s
         return s
 
@@ -339,9 +334,22 @@ class Backend:
         return redact(" | ".join(lines[-3:]), token)[:400]
 
 
+def _probe(backend: "Backend", job: Job) -> float:
+    """aria2c does not show response headers: ask once how long the Hub wants us to wait."""
+    try:
+        resp = backend.session().head(job.url, headers=auth_headers(job.url, job),
+                                      allow_redirects=False, timeout=10)
+        return retry_after_seconds(resp.headers) or 5.0
+    except Exception:
+        return 5.0
+
+
 class Aria2Backend(Backend):
     name = "aria2c"
     partial_kinds = ("seq", "aria2", "parts")
+
+    def probe_retry_after(self, job: Job) -> float:
+        return _probe(self, job)
 
     def too_big(self, job: Job) -> bool:
         """The CDN refuses one GET above max_single_get, and both tools open with one
@@ -391,7 +399,10 @@ class Aria2Backend(Backend):
         with contextlib.suppress(OSError):
             out.unlink()
         if code != 0:
-            raise self.error(code, detail)
+            error = self.error(code, detail)
+            if error.retry_after is None and "429" in str(error):
+                error.retry_after = self.probe_retry_after(job)
+            raise error
         report(bytes_on_disk(job.partial))
         return None
 
@@ -400,7 +411,7 @@ class Aria2Backend(Backend):
         if status:
             n = int(status.group(1))
             if n == 429:
-                return FetchError(f"rate limited (429): {detail}", retry_after=10.0)
+                return FetchError(f"rate limited (429): {detail}")
             if n in (401, 404):
                 return FetchError(f"HTTP {n}: {detail}", fatal=True)
         if code == 9:
@@ -445,7 +456,7 @@ class WgetBackend(Aria2Backend):
         n = int(statuses[-1]) if statuses else None
         if n == 429:
             after = re.findall(r"Retry-After:\s*(\d+)", detail)
-            return FetchError(f"rate limited (429)", retry_after=float(after[-1]) if after else 10.0)
+            return FetchError("rate limited (429)", retry_after=float(after[-1]) if after else None)
         if n in (401, 404):
             return FetchError(f"HTTP {n}: {detail}", fatal=True)
         if n == 416:
@@ -470,7 +481,7 @@ class PythonBackend(Backend):
     name = "python"
     hashes_inline = True
     partial_kinds = ("seq", "parts")
-    CHUNK = 1 << 20
+    CHUNK = 128 << 10      # small enough that a slow link still shows (and keeps) progress
     MIN_PART = 64 << 20
 
     def fetch(self, job: Job, report, stop) -> str | None:
@@ -832,8 +843,16 @@ def prepare_partial(job: Job, backend: Backend, status: dict) -> None:
     kind = "aria2" if _aria2_path(job.partial).exists() else (
         "parts" if _parts_path(job.partial).exists() else "seq")
     same_version = status.get("expected_hash") == job.file.expected_hash
-    if not job.partial.exists() or not same_version or kind not in backend.partial_kinds:
+    if not job.partial.exists() or not same_version or kind not in backend.partial_kinds \
+            or (kind == "seq" and _has_holes(job.partial)):
         discard_partial(job)
+
+
+def _has_holes(path: Path) -> bool:
+    """A split download killed before its control file was saved leaves a sparse file whose
+    length says nothing about which bytes are there: it cannot be continued by length."""
+    st = os.stat(path)
+    return st.st_blocks * 512 + 4096 < st.st_size
 
 
 def discard_partial(job: Job) -> None:

@@ -404,6 +404,13 @@ def cmd_list_datasets(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK
 
 
+def _live_status(store, t: dict) -> dict:
+    """A task recorded as running whose process is gone (kill -9, reboot) was interrupted."""
+    if t.get("status") == "running" and not store.is_locked(t["id"]):
+        t = {**t, "status": "paused", "reason": "interrupted (the process died)"}
+    return t
+
+
 def _task_row(t: dict) -> dict:
     return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
                                   "commit", "local_dir", "files_done", "files_failed",
@@ -418,8 +425,9 @@ def _pct(t: dict) -> str:
 
 def cmd_list_tasks(args: argparse.Namespace, cfg) -> int:
     from task_manager import TaskStore
-    tasks = [t for t in TaskStore(cfg.metadata_dir).all().values()
-             if not args.status or t.get("status") == args.status]
+    store = TaskStore(cfg.metadata_dir)
+    tasks = [_live_status(store, t) for t in store.all().values()]
+    tasks = [t for t in tasks if not args.status or t.get("status") == args.status]
     if args.json:
         out_json([_task_row(t) for t in tasks])
         return ExitStatus.OK
@@ -440,7 +448,7 @@ def cmd_status(args: argparse.Namespace, cfg) -> int:
     store = TaskStore(cfg.metadata_dir)
     if not args.task:
         return cmd_list_tasks(argparse.Namespace(status=None, json=args.json), cfg)
-    task = store.get(normalize_id(args.task))
+    task = _live_status(store, store.get(normalize_id(args.task)))
     row = _task_row(task)
     row["running_pid"] = store.owner_pid(task["id"]) if store.is_locked(task["id"]) else None
     if args.json:
@@ -674,8 +682,18 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
 
 # ================================================================ entry point
 
+class Terminated(BaseException):
+    """SIGTERM outside a download run (inside one, the run stops itself cleanly)."""
+
+
+def _on_sigterm(*_: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cfg = load_settings(args)
         log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
@@ -690,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return int(ExitStatus.INTERRUPTED)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return int(ExitStatus.TERMINATED)
     except BrokenPipeError:
         return int(ExitStatus.OK)
     except Exception as exc:
