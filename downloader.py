@@ -1195,12 +1195,29 @@ def prune_removed(local_dir: Path, removed: list[str]) -> list[str]:
     return gone
 
 
+def _needed_for_new(local_dir: Path, listing) -> int:
+    """Bytes a new task will write: files already complete at their final path don't count."""
+    needed = 0
+    for f in listing.files:
+        try:
+            if os.stat(safe_join(local_dir, f.path)).st_size == f.size:
+                continue
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            pass
+        needed += f.size
+    return needed
+
+
 def download_repo(store, req: DownloadRequest, listing, *, endpoint: str, token: str | None,
                   opts: Options, reserve: int, log, stream: TextIO,
                   quiet: bool = False) -> DownloadOutcome:
     """`download REPO`: find or create the task, take its lock, sync, run."""
     existing = store.find(req.identity())
     if existing is None:
+        # Refuse before creating anything: no task, no folder, no file.
+        import system_monitor
+        system_monitor.preflight(req.local_dir, needed=_needed_for_new(req.local_dir, listing),
+                                 reserve=reserve)
         task, tracker, sync = open_task(store, req, listing, endpoint)
         lock_id = task["id"]
     else:

@@ -200,16 +200,22 @@ def _build_dirs(commit: Commit) -> dict[str, dict[str, Any]]:
     """Directory nodes keyed by path ('' = root): sorted child dirs and files, a git-tree-like oid."""
     nodes: dict[str, dict[str, Any]] = {"": {"dirs": set(), "files": []}}
     for path, entry in commit.files.items():
-        parent = ""
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            nodes.setdefault(d, {"dirs": set(), "files": []})
-            nodes[parent]["dirs"].add(d)
-            parent = d
-        nodes[parent]["files"].append(entry)
+        # rsplit always shortens the path, so odd names ("/abs", "a//b", "../x") cannot make a cycle.
+        child: FileEntry | str = entry
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        while True:
+            node = nodes.setdefault(parent, {"dirs": set(), "files": []})
+            if isinstance(child, FileEntry):
+                node["files"].append(child)
+            elif child in node["dirs"]:
+                break
+            else:
+                node["dirs"].add(child)
+            if parent == "":
+                break
+            child, parent = parent, parent.rsplit("/", 1)[0] if "/" in parent else ""
     # Bottom-up (longest paths first) so children are done before their parent.
-    for d in sorted(nodes, key=lambda p: -p.count("/") - (p != "")):
+    for d in sorted(nodes, key=len, reverse=True):
         node = nodes[d]
         node["dirs"] = sorted(node["dirs"])
         node["files"].sort(key=lambda e: e.path)
@@ -551,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
             (self._route_hub if self.role == "hub" else self._route_cdn)()
         except _HandledError:
             pass
-        except (ConnectionError, TimeoutError, OSError):
+        except OSError:  # the client went away (reset, broken pipe, timeout)
             self.close_connection = True
         except Exception:  # noqa: BLE001 -- a bug in the double: show it, and answer 500 if still possible
             traceback.print_exc()
