@@ -65,6 +65,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
 
 
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction above 0 and at most 1, got {text!r}")
+    return value
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
@@ -175,6 +185,10 @@ def build_parser() -> Parser:
     p = add("verify", "re-check the files of a task on disk (size and hash)")
     p.add_argument("task", help="task id")
     p.add_argument("--quick", action="store_true", help="check sizes only")
+    p.add_argument("--batch", type=_positive_int, metavar="N",
+                   help="batch task: check batch N on the disk mounted now")
+    p.add_argument("--local-dir", help="batch task: where that disk is now (default: where "
+                                       "the batch was downloaded)")
     _json_arg(p)
 
     p = add("clean", "remove the records of finished tasks (files stay unless --delete-files)")
@@ -193,6 +207,43 @@ def build_parser() -> Parser:
     p.add_argument("--endpoint", help="Hub or mirror URL (env HF_ENDPOINT)")
     p.add_argument("--reserve", type=_size, metavar="SIZE", help="free space always kept")
     p.add_argument("--disk-warn-percent", help="warn when the disk is this full (default 90)")
+    _json_arg(p)
+
+    p = add("analyze-dataset", "sizes per folder and extension, largest files, histogram")
+    _repo_args(p)
+    p.add_argument("--available-space", type=_size, metavar="SIZE",
+                   help="also say how many disks of this size it takes")
+    _json_arg(p)
+
+    def batch_plan_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--available-space", type=_size, required=True, metavar="SIZE",
+                       help="the size of one disk (e.g. 10T)")
+        p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
+                       help="fill each disk to at most this fraction (default 0.9)")
+        p.add_argument("--local-dir", help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+
+    p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
+    _repo_args(p)
+    batch_plan_args(p)
+    p.add_argument("--output", metavar="FILE", help="also write the plan as a self-contained file")
+    _json_arg(p)
+
+    p = add("batch-download", "plan (or reuse the plan) and download batch 1")
+    _repo_args(p)
+    batch_plan_args(p)
+    _tool_args(p)
+    _json_arg(p)
+
+    p = add("batch-continue", "download batch N onto the disk now at the target")
+    p.add_argument("task", help="batch task id, or a plan file written by plan-batch --output")
+    p.add_argument("batch", type=_positive_int, help="batch number")
+    p.add_argument("--local-dir", help="target folder (default: the task's)")
+    p.add_argument("--endpoint", help="Hub or mirror URL (default: the task's, or HF_ENDPOINT)")
+    _tool_args(p)
+    _json_arg(p)
+
+    p = add("batch-status", "per batch: state, files and bytes done, and which disk it went to")
+    p.add_argument("task", help="batch task id")
     _json_arg(p)
     return parser
 
@@ -361,6 +412,12 @@ def report_result(args: argparse.Namespace, task: dict, result) -> int:
             f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
         for path, error in result.failures[:20]:
             out(f"  failed: {path}: {error}")
+    return report_exit(task, result)
+
+
+def report_exit(task: dict, result) -> int:
+    """The hint for a stopped or failed run, and its exit status."""
+    tid = task["id"]
     if result.status == "paused":
         kind = result.reason.split(":")[0]
         if kind == "disk_full":
@@ -516,6 +573,12 @@ def cmd_resume(args: argparse.Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
+    if task.get("kind") == "batch":          # continue the batch that was running
+        import batch_manager as bm
+        plan = bm.load_task_plan(store, task["id"])
+        number = int(plan.get("current") or 1)
+        return _run_batch(args, cfg, store, task, number,
+                          plan["state"].get(str(number), {}).get("target"))
     endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
     opts = download_options(args, cfg)
     with store.lock(task["id"]):
@@ -564,11 +627,13 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    local_dir = Path(task["local_dir"])
+    local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else Path(task["local_dir"])
     with store.lock(task["id"]):
         tracker = ft.FileTracker.load(store.paths(task["id"]), task["id"])
-        results = ft.check_files(tracker, local_dir, [f.path for f in tracker.files],
-                                 quick=args.quick)
+        paths = [f.path for f in tracker.files]
+        if task.get("kind") == "batch" or args.batch:
+            paths, local_dir = _batch_to_verify(store, task, args, local_dir)
+        results = ft.check_files(tracker, local_dir, paths, quick=args.quick)
         bad = ft.apply_checks(tracker, local_dir, results)
         tracker.save()
         summary = tracker.summary()
@@ -592,6 +657,30 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
             out(f"{len(bad)} bad files were marked for download; "
                 f"'python main.py resume {task['id']}' fetches them again")
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
+
+
+def _batch_to_verify(store, task: dict, args: argparse.Namespace, local_dir: Path):
+    """verify --batch N: the batch's files, on its disk; the disk's marker must name it."""
+    import batch_manager as bm
+    if task.get("kind") != "batch":
+        raise UsageError(f"{task['id']} is not a batch task; verify it without --batch")
+    plan = bm.load_task_plan(store, task["id"])
+    if not args.batch:
+        raise UsageError(f"{task['id']} is a batch task: say which batch to check",
+                         hint=f"python main.py verify {task['id']} --batch N (batch-status "
+                              f"shows the batches)")
+    batch = bm.get_batch(plan, args.batch)
+    if not args.local_dir:
+        local_dir = Path(plan["state"].get(str(args.batch), {}).get("target") or local_dir)
+    if not bm.marker_has(local_dir, plan, args.batch):
+        marker = bm.read_marker(local_dir)
+        holds = ", ".join(f"batch {e.get('batch')} of {e.get('task_id')}"
+                          for e in (marker or {}).get("batches", [])) or "no batch of this tool"
+        raise HFDError(f"the disk at {local_dir} does not hold batch {args.batch} of "
+                       f"{task['id']} (it holds {holds})",
+                       hint="mount the disk of that batch there, or give its folder with "
+                            "--local-dir")
+    return list(batch.paths), local_dir
 
 
 def cmd_clean(args: argparse.Namespace, cfg) -> int:
@@ -643,7 +732,9 @@ def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
             except HFDError:
                 tracker = ft.FileTracker.rebuild(store.paths(tid), tid)
                 out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
-            changes = ft.reconcile_with_disk(tracker, Path(task["local_dir"]))
+            # a batch task's other batches are on other disks: absent is expected there
+            changes = ft.reconcile_with_disk(tracker, Path(task["local_dir"]),
+                                             missing_ok=task.get("kind") == "batch")
             tracker.save()
             summary = tracker.summary()
             status = task.get("status")
@@ -672,11 +763,150 @@ def cmd_check_system(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK if report.ok else ExitStatus.ERROR
 
 
+# ---------------------------------------------------------------- batches
+
+def _listing_for(args: argparse.Namespace, cfg):
+    """Resolve and list a repo for the batch and analysis commands (with the filters)."""
+    import dataset_manager as dm
+    repo_id = dm.validate_repo_id(args.repo)
+    endpoint = pick_endpoint(cfg)
+    listing = dm.list_files(repo_id, repo_type_of(args), args.revision, endpoint, dm.hub_token(),
+                            args.include, args.exclude)
+    report_refused(listing)
+    if not listing.files:
+        raise UsageError(f"no file of {repo_id} matches the --include/--exclude filters"
+                         if args.include or args.exclude else f"{repo_id} has no files")
+    return listing, endpoint
+
+
+def cmd_analyze_dataset(args: argparse.Namespace, cfg) -> int:
+    import batch_manager as bm
+    listing, _ = _listing_for(args, cfg)
+    analysis = bm.analyze_files(listing.files, available_space=args.available_space)
+    analysis.update({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
+                     "commit": listing.commit})
+    if args.json:
+        out_json(analysis)
+    else:
+        out(f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}")
+        out(bm.format_analysis(analysis))
+    return ExitStatus.OK
+
+
+def _plan_or_reuse(args: argparse.Namespace, cfg):
+    """The batch task of the same repo, filters, space and margin; planned now if new."""
+    import batch_manager as bm
+    import dataset_manager as dm
+    from task_manager import TaskStore
+    from utils import repo_folder_name
+    store = TaskStore(cfg.metadata_dir)
+    repo_id = dm.validate_repo_id(args.repo)
+    identity = bm.batch_identity(repo_id, repo_type_of(args), args.revision, args.include,
+                                 args.exclude, args.available_space, args.safety_margin)
+    task = store.find(identity)
+    if task is not None:
+        say(args, f"reusing the plan of {task['id']} (pinned at {str(task['commit'])[:12]})")
+        return store, task, bm.load_task_plan(store, task["id"])
+    listing, endpoint = _listing_for(args, cfg)
+    plan = bm.new_plan(listing, args.available_space, args.safety_margin)
+    local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir / repo_folder_name(repo_id)))
+    task = bm.open_batch_task(store, identity, plan, local_dir, endpoint)
+    dm.register(cfg.metadata_dir, listing)
+    return store, task, plan
+
+
+def cmd_plan_batch(args: argparse.Namespace, cfg) -> int:
+    import batch_manager as bm
+    store, task, plan = _plan_or_reuse(args, cfg)
+    batches = bm.plan_batches_of(plan)
+    if args.output:
+        bm.write_plan_file(args.output, plan)
+    if args.json:
+        out_json({"task": task["id"], "commit": plan["commit"], "plan_id": plan["plan_id"],
+                  **bm.plan_summary(batches, plan["capacity"])})
+        return ExitStatus.OK
+    out(bm.format_plan(batches, plan["capacity"]))
+    out(f"plan saved as {task['id']} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
+        f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
+    out(f"next: python main.py batch-download {plan['repo_id']}"
+        + (" --dataset" if plan["repo_type"] == "dataset" else "")
+        + f" --available-space {args.available_space}   (or batch-continue {task['id']} 1)")
+    return ExitStatus.OK
+
+
+def cmd_batch_download(args: argparse.Namespace, cfg) -> int:
+    store, task, plan = _plan_or_reuse(args, cfg)
+    return _run_batch(args, cfg, store, task, 1, None)
+
+
+def cmd_batch_continue(args: argparse.Namespace, cfg) -> int:
+    import batch_manager as bm
+    from task_manager import TaskStore, normalize_id
+    from utils import repo_folder_name
+    store = TaskStore(cfg.metadata_dir)
+    if args.task.endswith(".json") or os.path.isfile(args.task):
+        plan = bm.read_plan_file(args.task)
+        local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir /
+                                         repo_folder_name(plan["repo_id"])))
+        task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
+    else:
+        task = store.get(normalize_id(args.task))
+    return _run_batch(args, cfg, store, task, args.batch, args.local_dir)
+
+
+def _run_batch(args: argparse.Namespace, cfg, store, task: dict, number: int,
+               local_dir: str | None) -> int:
+    import batch_manager as bm
+    import dataset_manager as dm
+    endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
+    target = Path(os.path.abspath(local_dir)) if local_dir else None
+    say(args, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
+              f"{target or task['local_dir']}")
+    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint,
+                       token=dm.hub_token(), opts=download_options(args, cfg),
+                       reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
+                       quiet=args.quiet)
+    for warning in run.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    p = run.progress
+    if args.json:
+        out_json({"task": task["id"], "batch": number, "status": run.result.status,
+                  "reason": run.result.reason, "target": run.target, **p})
+    else:
+        out(f"{task['id']} batch {number}/{run.batch_count}: {run.result.status}"
+            + (f" ({run.result.reason})" if run.result.reason else "")
+            + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
+              f"{format_size(p['bytes_total'])} in {run.target}")
+        for path, error in run.result.failures[:20]:
+            out(f"  failed: {path}: {error}")
+    if run.result.status == "completed" and number < run.batch_count:
+        say(args, f"next: swap the disk, then python main.py batch-continue {task['id']} "
+                  f"{number + 1}")
+    return report_exit(task, run.result)
+
+
+def cmd_batch_status(args: argparse.Namespace, cfg) -> int:
+    import batch_manager as bm
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    rows = bm.batch_rows(store, task)
+    if args.json:
+        out_json({"task": task["id"], "status": _live_status(store, task)["status"],
+                  "batches": rows})
+    else:
+        out(bm.format_batch_rows(task, rows))
+    return ExitStatus.OK
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "download": cmd_download, "add-dataset": cmd_add_dataset, "list-datasets": cmd_list_datasets,
     "list-tasks": cmd_list_tasks, "status": cmd_status, "task-detail": cmd_task_detail,
     "config": cmd_config, "resume": cmd_resume, "cancel": cmd_cancel, "verify": cmd_verify,
     "clean": cmd_clean, "fix-progress": cmd_fix_progress, "check-system": cmd_check_system,
+    "analyze-dataset": cmd_analyze_dataset, "plan-batch": cmd_plan_batch,
+    "batch-download": cmd_batch_download, "batch-continue": cmd_batch_continue,
+    "batch-status": cmd_batch_status,
 }
 
 

@@ -25,9 +25,6 @@ class TaskState(str, enum.Enum):
 FINISHED = {TaskState.COMPLETED.value}
 ENDED = {TaskState.COMPLETED.value, TaskState.CANCELLED.value, TaskState.FAILED.value}
 
-# Fields that identify "the same download": re-running it resumes the task.
-IDENTITY = ("kind", "repo_id", "repo_type", "revision", "local_dir", "include", "exclude")
-
 
 @dataclass(frozen=True)
 class TaskPaths:
@@ -56,6 +53,10 @@ class TaskPaths:
     @property
     def cancel_flag(self) -> Path:
         return self.root / "cancel-requested"
+
+    @property
+    def batch_plan(self) -> Path:
+        return self.root / "batch_plan.json"
 
 
 class TaskStore:
@@ -132,10 +133,10 @@ class TaskStore:
             write_json_atomic(self.index, data)
         shutil.rmtree(self.paths(task_id).root, ignore_errors=True)
 
-    def find(self, spec: dict[str, Any]) -> dict[str, Any] | None:
-        """The newest unfinished-or-finished task for the same download, if any."""
+    def find(self, identity: dict[str, Any]) -> dict[str, Any] | None:
+        """The newest task whose fields match every item of `identity`, if any."""
         matches = [t for t in self.all().values()
-                   if all(t.get(k) == spec.get(k) for k in IDENTITY)]
+                   if all(t.get(k) == v for k, v in identity.items())]
         return max(matches, key=lambda t: t["id"]) if matches else None
 
     def rebuild_index(self) -> list[str]:
