@@ -1069,14 +1069,20 @@ def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -
 
 def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: str | None,
              opts: Options, reserve: int, log, stream: TextIO, quiet: bool = False,
-             todo: list[str] | None = None) -> RunResult:
-    """Run the unfinished files of a task under its lock holder; record the outcome."""
+             todo: list[str] | None = None, local_dir: Path | None = None,
+             before_start: Callable[[], None] | None = None) -> RunResult:
+    """Run the unfinished files of a task (or of `todo` only) under its lock; record the outcome.
+
+    `before_start` runs after the preflight, before the first byte (a batch writes its disk
+    marker there)."""
     import system_monitor
     tool = choose_tool(opts.tool)
-    local_dir = Path(task["local_dir"])
-    adopted = reconcile(tracker, local_dir, (tracker.by_path[p] for p in
-                                             tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING,
-                                                              FileState.FAILED)))
+    local_dir = Path(local_dir or task["local_dir"])
+    unfinished = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
+    if todo is not None:
+        wanted = set(todo)
+        unfinished = [p for p in unfinished if p in wanted]
+    adopted = reconcile(tracker, local_dir, (tracker.by_path[p] for p in unfinished))
     if adopted:
         log.info("%s: %d files found complete on disk", task["id"], adopted)
     if todo is None:
@@ -1085,6 +1091,8 @@ def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: s
             log.warning("%s: %d completed files are no longer on disk; fetching them again",
                         task["id"], missing)
         todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
+    else:
+        todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
     for path in todo:           # a new run gives failed files a fresh set of tries
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
@@ -1092,6 +1100,8 @@ def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: s
     if todo:
         system_monitor.preflight(local_dir, needed=bytes_still_needed(tracker, local_dir, todo),
                                  reserve=reserve)
+    if before_start:
+        before_start()
     stopper = Stopper()
     store.update(task["id"], status="running", reason="", tool=tool, pid=os.getpid(),
                  endpoint=endpoint, **tracker.summary())

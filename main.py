@@ -836,7 +836,7 @@ def cmd_plan_batch(args: argparse.Namespace, cfg) -> int:
 
 def cmd_batch_download(args: argparse.Namespace, cfg) -> int:
     store, task, plan = _plan_or_reuse(args, cfg)
-    return _run_batch(args, cfg, store, task, 1, None)
+    return _run_batch(args, cfg, store, task, 1, args.local_dir)
 
 
 def cmd_batch_continue(args: argparse.Namespace, cfg) -> int:
