@@ -326,11 +326,9 @@ class Backend:
     def fetch(self, job: Job, report: Callable[[int], None], stop: threading.Event) -> str | None:
         raise NotImplementedError
 
-    def tail(self, proc_output: Path, token: str | None) -> str:
-        try:
-            lines = proc_output.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
+    def tail(self, text: str, token: str | None) -> str:
+        """The last lines of a tool's output, for the error message and the log."""
+        lines = text.strip().splitlines()
         return redact(" | ".join(lines[-3:]), token)[:400]
 
 
@@ -387,24 +385,22 @@ class Aria2Backend(Backend):
         return self._run(argv, "\n".join(lines) + "\n", job, report, stop)
 
     def _run(self, argv, stdin_text, job, report, stop) -> None:
-        out = job.partial.with_name(job.partial.name + ".log")
+        """Run one tool process for one file; its output goes to a scratch file we read back."""
         self.log.info("running: %s", redact(" ".join(argv), job.token))
-        with open(out, "wb") as stdout:
-            proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=stdout)
+        with tempfile.TemporaryFile() as output:
+            proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=output)
             try:
                 code = watch_process(proc, job, report, stop, self.opts.stall_timeout)
             finally:
                 self.children.forget(proc)
-        detail = self.tail(out, job.token)
-        with contextlib.suppress(OSError):
-            out.unlink()
+            output.seek(0)
+            detail = self.tail(output.read().decode(errors="replace"), job.token)
         if code != 0:
             error = self.error(code, detail)
             if error.retry_after is None and "429" in str(error):
                 error.retry_after = self.probe_retry_after(job)
             raise error
         report(bytes_on_disk(job.partial))
-        return None
 
     def error(self, code: int, detail: str) -> FetchError:
         status = re.search(r"status=(\d{3})", detail)
@@ -465,11 +461,7 @@ class WgetBackend(Aria2Backend):
             return FetchError(f"wget: file write error: {detail}", disk_full=True)
         return FetchError(f"wget exited {code}" + (f" (HTTP {n})" if n else "") + f": {detail}")
 
-    def tail(self, proc_output: Path, token: str | None) -> str:
-        try:
-            text = proc_output.read_text(errors="replace")
-        except OSError:
-            return ""
+    def tail(self, text: str, token: str | None) -> str:
         keep = [ln.strip() for ln in text.splitlines()
                 if re.search(r"HTTP/|Retry-After|rror|failed|refused|ERROR", ln)]
         return redact(" | ".join(keep[-4:]), token)[:400]
@@ -734,6 +726,11 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
+    def file_started(self, path: str, have: int) -> None:
+        """Bytes already in the partial count as done, not as fetched by this run."""
+        with self._lock:
+            self.active[path] = have
+
     def file_dropped(self, path: str) -> None:
         with self._lock:
             self.active.pop(path, None)
@@ -842,7 +839,8 @@ def prepare_partial(job: Job, backend: Backend, status: dict) -> None:
     """Keep a partial only if it belongs to this file version and this tool can continue it."""
     kind = "aria2" if _aria2_path(job.partial).exists() else (
         "parts" if _parts_path(job.partial).exists() else "seq")
-    same_version = status.get("expected_hash") == job.file.expected_hash
+    # `partial_of` is set when a download starts; a new commit's status has none.
+    same_version = status.get("partial_of") == job.file.expected_hash
     if not job.partial.exists() or not same_version or kind not in backend.partial_kinds \
             or (kind == "seq" and _has_holes(job.partial)):
         discard_partial(job)
@@ -887,6 +885,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
     job = make_job(run, f)
     job.final.parent.mkdir(parents=True, exist_ok=True)
     prepare_partial(job, run.backend, tracker.status[f.path])
+    run.progress.file_started(f.path, bytes_on_disk(job.partial))
     tracker.start(f.path)
     attempts = int(tracker.status[f.path].get("attempts") or 0)
     tries = 0
@@ -1109,9 +1108,18 @@ def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: s
              task["repo_type"], task["repo_id"], tracker.meta["commit"], len(todo), tool,
              opts.connections, opts.jobs)
 
+    last_summary = [time.monotonic(), tracker.summary()]
+
     def on_tick() -> None:
         if store.cancel_requested(task["id"]):
             stopper.stop("cancelled")
+        # `status` from another terminal reads tasks.json: keep its counters fresh (every 5 s)
+        now = time.monotonic()
+        if now - last_summary[0] >= 5:
+            summary = tracker.summary()
+            if summary != last_summary[1]:
+                store.update(task["id"], **summary)
+            last_summary[:] = [now, summary]
 
     def on_low(usage) -> None:
         stopper.stop("disk_full", f"{format_size(usage.free)} free, "

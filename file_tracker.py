@@ -135,9 +135,10 @@ class FileTracker:
             self._dirty = True
 
     def start(self, path: str) -> None:
+        """The file is being fetched; its partial belongs to this version of the file."""
         f = self.by_path[path]
         self.set_state(path, FileState.DOWNLOADING, started_at=now_iso(),
-                       expected_hash=f.expected_hash)
+                       expected_hash=f.expected_hash, partial_of=f.expected_hash)
 
     def attempt_failed(self, path: str, error: str, *, final: bool) -> None:
         with self._lock:
@@ -165,6 +166,7 @@ class FileTracker:
     def _recount(self) -> None:
         self.counts = {s.value: 0 for s in FileState}
         self.bytes_done = 0
+        self.bytes_total = sum(f.size for f in self.files)
         for entry in self.status.values():
             self._count(entry, +1)
 
@@ -174,9 +176,6 @@ class FileTracker:
         if state == FileState.COMPLETED.value:
             self.bytes_done += sign * int(entry.get("actual_size") or 0)
 
-    @property
-    def bytes_total(self) -> int:
-        return sum(f.size for f in self.files)
 
     def summary(self) -> dict[str, int]:
         with self._lock:
