@@ -703,8 +703,12 @@ class Progress:
         self.bar = None
         if not quiet and stream.isatty():
             from tqdm import tqdm
+            # A terminal that reports no width (a bare pty) still gets an 80-column bar.
+            sized = shutil.get_terminal_size((0, 0)).columns > 0
             self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=stream, dynamic_ncols=True, leave=True)
+                            unit_divisor=1024, file=stream, dynamic_ncols=sized,
+                            ncols=None if sized else 80, nrows=None if sized else 24,
+                            leave=True)
 
     def update(self, path: str, have: int) -> None:
         with self._lock:

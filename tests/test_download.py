@@ -317,3 +317,32 @@ def test_no_partial_left_and_none_at_final_path(cli, hub):
                  if p.name.endswith((".incomplete", ".aria2", ".parts", ".log"))]
     assert leftovers == []
     shutil.rmtree(cli.downloads)
+
+
+def test_progress_bar_on_a_terminal(cli, hub):
+    """On a terminal, progress is a bar redrawn in place (tqdm), not a stream of lines."""
+    import pty
+    import subprocess
+    import sys
+    hub.add_repo("slow", {"a.bin": Content(1_200_000, 4)})
+    hub.bandwidth_per_conn = 1_000_000
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent.parent / "main.py"),
+                             "download", "slow", "--tool", "python"], cwd=cli.root, env=cli.env,
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(60) == 0
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "B/s" in text and "100%" in text, text
+    assert "progress:" not in text            # no plain lines on a terminal
+    assert "task_001: completed" in text
