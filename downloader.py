@@ -1,7 +1,7 @@
 """Running a task: the work list, the tool backends (aria2c, wget, python), retries, progress,
 and moving each checked file into place.
 
-Each file goes: pending -> downloading (bytes in `name.incomplete`) -> checked (size and hash)
+Each file goes: pending -> downloading (bytes in `name.<hash>.incomplete`) -> checked (size, hash)
 -> renamed to its final name -> completed. A final name never holds partial bytes.
 """
 from __future__ import annotations
@@ -28,11 +28,11 @@ from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker
-from utils import (HASH_CHUNK, HFDError, ToolError, UsageError, format_duration, format_size,
-                   fsync_dir, hash_file, new_hasher, safe_join, write_json_atomic, read_json)
+from utils import (HFDError, ToolError, UsageError, format_duration, format_size, fsync_dir,
+                   hash_file, new_hasher, partial_path, partial_sidecars, read_json, safe_join,
+                   write_json_atomic)
 
 TOOLS = ("auto", "aria2c", "wget", "python")
-PARTIAL_SUFFIX = ".incomplete"
 USER_AGENT = "hf-downloader/1.0"
 
 
@@ -667,11 +667,11 @@ def _range_starts_at(resp, offset: int) -> bool:
 
 
 def _parts_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".parts")
+    return partial_sidecars(partial)[1]
 
 
 def _aria2_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".aria2")
+    return partial_sidecars(partial)[0]
 
 
 def _short(exc: BaseException) -> str:
@@ -833,19 +833,17 @@ class Run:
 def make_job(run: Run, f: RemoteFile) -> Job:
     final = safe_join(run.local_dir, f.path)
     meta = run.tracker.meta
-    return Job(file=f, final=final, partial=final.with_name(final.name + PARTIAL_SUFFIX),
+    return Job(file=f, final=final, partial=partial_path(final, f.expected_hash),
                url=file_url(run.endpoint, meta["repo_id"], meta["repo_type"], meta["commit"], f.path),
                token=run.token, endpoint=run.endpoint, connections=run.opts.connections,
                max_single_get=run.opts.max_single_get)
 
 
-def prepare_partial(job: Job, backend: Backend, status: dict) -> None:
-    """Keep a partial only if it belongs to this file version and this tool can continue it."""
+def prepare_partial(job: Job, backend: Backend) -> None:
+    """Keep a partial (of this version: its name says so) only if this tool can continue it."""
     kind = "aria2" if _aria2_path(job.partial).exists() else (
         "parts" if _parts_path(job.partial).exists() else "seq")
-    # `partial_of` is set when a download starts; a new commit's status has none.
-    same_version = status.get("partial_of") == job.file.expected_hash
-    if not job.partial.exists() or not same_version or kind not in backend.partial_kinds \
+    if not job.partial.exists() or kind not in backend.partial_kinds \
             or (kind == "seq" and _has_holes(job.partial)):
         discard_partial(job)
 
@@ -888,7 +886,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
     tracker, opts = run.tracker, run.opts
     job = make_job(run, f)
     job.final.parent.mkdir(parents=True, exist_ok=True)
-    prepare_partial(job, run.backend, tracker.status[f.path])
+    prepare_partial(job, run.backend)
     run.progress.file_started(f.path, bytes_on_disk(job.partial))
     tracker.start(f.path)
     attempts = int(tracker.status[f.path].get("attempts") or 0)
@@ -1065,7 +1063,7 @@ def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -
     for path in todo:
         f = tracker.by_path[path]
         final = safe_join(local_dir, f.path)
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        partial = partial_path(final, f.expected_hash)
         needed += max(0, f.size - bytes_on_disk(partial))
     return needed
 
@@ -1207,6 +1205,18 @@ def open_task(store, req: DownloadRequest, listing, endpoint: str):
     return existing, tracker, sync
 
 
+def drop_old_partials(local_dir: Path, old_versions: dict[str, str]) -> None:
+    """Partial bytes of versions the new commit replaced can never complete: remove them."""
+    for path, old_hash in old_versions.items():
+        try:
+            partial = partial_path(safe_join(local_dir, path), old_hash)
+        except ValueError:
+            continue
+        for p in (partial, *partial_sidecars(partial)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def prune_removed(local_dir: Path, removed: list[str]) -> list[str]:
     """Delete local files that the new commit removed (only with --prune)."""
     gone = []
@@ -1247,6 +1257,8 @@ def download_repo(store, req: DownloadRequest, listing, *, endpoint: str, token:
     with store.lock(lock_id):
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)
+        if sync:
+            drop_old_partials(req.local_dir, sync.old_versions)
         pruned = prune_removed(req.local_dir, sync.removed) if sync and req.prune else []
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)

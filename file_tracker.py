@@ -32,6 +32,7 @@ class SyncReport:
     changed: list[str]
     removed: list[str]
     unchanged: int
+    old_versions: dict[str, str]     # path -> expected hash before, for changed and removed files
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,9 @@ class FileTracker:
             self._dirty = True
 
     def start(self, path: str) -> None:
-        """The file is being fetched; its partial belongs to this version of the file."""
         f = self.by_path[path]
         self.set_state(path, FileState.DOWNLOADING, started_at=now_iso(),
-                       expected_hash=f.expected_hash, partial_of=f.expected_hash)
+                       expected_hash=f.expected_hash)
 
     def attempt_failed(self, path: str, error: str, *, final: bool) -> None:
         with self._lock:
@@ -233,7 +233,9 @@ class FileTracker:
             self._dirty = True
         self.write_list(endpoint)
         self.save()
-        return SyncReport(added, changed, removed, len(listing.files) - len(added) - len(changed))
+        old_versions = {p: old[p].expected_hash for p in changed + removed}
+        return SyncReport(added, changed, removed, len(listing.files) - len(added) - len(changed),
+                          old_versions)
 
 
 def _new_status(f: RemoteFile) -> dict[str, Any]:
@@ -300,7 +302,8 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
 
 def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
     """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
-    partial = final.with_name(final.name + ".incomplete")
+    from utils import partial_path
+    partial = partial_path(final, f.expected_hash)
     try:
         if r.verdict == "size mismatch" and final.stat().st_size < f.size:
             os.replace(final, partial)
@@ -343,14 +346,13 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
 
 def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
     """Remove the task's files (and partials) from disk, then the folders left empty."""
-    from utils import safe_join
+    from utils import partial_path, partial_sidecars, safe_join
     removed = 0
     folders = set()
     for f in tracker.files:
         final = safe_join(local_dir, f.path)
-        for p in (final, final.with_name(final.name + ".incomplete"),
-                  final.with_name(final.name + ".incomplete.aria2"),
-                  final.with_name(final.name + ".incomplete.parts")):
+        partial = partial_path(final, f.expected_hash)
+        for p in (final, partial, *partial_sidecars(partial)):
             try:
                 p.unlink()
                 removed += p == final

@@ -204,6 +204,22 @@ def safe_join(root: Path, name: str) -> Path:
     return target
 
 
+def partial_path(final: Path, expected_hash: str) -> Path:
+    """Where the bytes of one version of a file gather until it is complete and checked.
+
+    The version (hash prefix) is in the name, so a partial is only ever continued against the
+    same file version, whatever the metadata says after a crash."""
+    name = final.name
+    if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
+        name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
+    return final.with_name(f"{name}.{expected_hash[:10]}.incomplete")
+
+
+def partial_sidecars(partial: Path) -> tuple[Path, Path]:
+    """aria2c's control file and the python backend's part map, beside the partial."""
+    return (partial.with_name(partial.name + ".aria2"), partial.with_name(partial.name + ".parts"))
+
+
 def repo_folder_name(repo_id: str) -> str:
     """'gpt2' -> 'gpt2', 'org/name' -> 'org--name' (the default download folder)."""
     return repo_id.replace("/", "--")

@@ -327,3 +327,24 @@ def test_corrupt_metadata_is_a_clear_error(cli, hub, damage):
         assert cli(*cmd).code == 0
     st = json.loads(cli("status", "task_001", "--json").out)
     assert st["status"] == "completed" and st["files_done"] == 1
+
+
+def test_partial_of_an_old_version_is_never_continued(cli, hub):
+    """A partial left by a killed run is dropped when the new commit changed that file."""
+    files = {"w.bin": Content(3_000_000, 1), "x.txt": b"x"}
+    hub.add_repo("moving", files)
+    hub.bandwidth_per_conn = 1_000_000
+    proc = cli.popen("download", "moving", "--tool", "python")
+    target = cli.downloads / "moving"
+    assert wait_for(lambda: disk_bytes(target) > 500_000, 30)
+    proc.kill()
+    proc.wait()
+    old = list(target.glob("w.bin.*.incomplete"))
+    assert len(old) == 1
+    hub.bandwidth_per_conn = None
+    hub.add_commit("moving", files={"w.bin": Content(3_000_000, 2)})
+    r = cli("download", "moving", "--tool", "python")
+    assert r.code == 0, r.text
+    assert "mismatch" not in r.text
+    check_tree(target, {"w.bin": Content(3_000_000, 2), "x.txt": b"x"})
+    assert not old[0].exists()
