@@ -780,3 +780,26 @@ def format_batch_rows(task: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                       f"{format_size(r['bytes_done'])} / {format_size(r['bytes_total'])}", where])
     lines += _table(["BATCH", "STATE", "FILES", "BYTES", "WHERE"], table, {0, 2, 3})
     return "\n".join(lines)
+
+
+def batch_on_disk(store: Any, task: dict[str, Any], number: int | None,
+                  local_dir: Path | None) -> tuple[list[str], Path]:
+    """verify --batch N: the batch's files and its folder; the disk's marker must name it."""
+    if task.get("kind") != "batch":
+        raise UsageError(f"{task['id']} is not a batch task; verify it without --batch")
+    if not number:
+        raise UsageError(f"{task['id']} is a batch task: say which batch to check",
+                         hint=f"python main.py verify {task['id']} --batch N (batch-status "
+                              f"shows the batches)")
+    plan = load_task_plan(store, task["id"])
+    batch = get_batch(plan, number)
+    folder = Path(local_dir or plan["state"].get(str(number), {}).get("target")
+                  or task["local_dir"])
+    if not marker_has(folder, plan, number):
+        holds = ", ".join(f"batch {e.get('batch')} of {e.get('task_id')}"
+                          for e in (read_marker(folder) or {}).get("batches", []))
+        raise HFDError(f"the disk at {folder} does not hold batch {number} of {task['id']} "
+                       f"(it holds {holds or 'no batch of this tool'})",
+                       hint="mount the disk of that batch there, or give its folder with "
+                            "--local-dir")
+    return list(batch.paths), folder

@@ -5,13 +5,13 @@ All Hub API calls go through huggingface_hub's HfApi (imported lazily: it costs 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from utils import (SCHEMA_VERSION, HFDError, HubError, UsageError, now_iso, path_selected,
-                   read_json, safe_relpath, write_json_atomic)
+from utils import (SCHEMA_VERSION, HFDError, HubError, MetadataError, UsageError, now_iso,
+                   path_selected, read_json, safe_relpath, write_json_atomic)
 
 REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -200,14 +200,20 @@ def registry_path(metadata_dir: Path) -> Path:
     return Path(metadata_dir) / "datasets.json"
 
 
+_REGISTRY_HINT = ("run 'python main.py fix-progress' to rebuild it from the tasks (the damaged "
+                  "file is kept as datasets.json.corrupt)")
+
+
 def load_registry(metadata_dir: Path) -> dict[str, dict[str, Any]]:
-    data = read_json(registry_path(metadata_dir),
-                     default={"schema_version": SCHEMA_VERSION, "datasets": {}})
+    try:
+        data = read_json(registry_path(metadata_dir),
+                         default={"schema_version": SCHEMA_VERSION, "datasets": {}})
+    except MetadataError as exc:
+        raise MetadataError(str(exc), hint=_REGISTRY_HINT) from None
     datasets = data.get("datasets")
-    if not isinstance(datasets, dict):
-        from utils import MetadataError
-        raise MetadataError(f"metadata file {registry_path(metadata_dir)} has no 'datasets' object",
-                            hint="fix or remove the file; 'add-dataset' rebuilds entries")
+    if not isinstance(datasets, dict) or not all(isinstance(d, dict) for d in datasets.values()):
+        raise MetadataError(f"metadata file {registry_path(metadata_dir)} has no valid "
+                            f"'datasets' object", hint=_REGISTRY_HINT)
     return datasets
 
 
@@ -233,5 +239,27 @@ def register(metadata_dir: Path, listing: Listing, description: str | None = Non
     return entry
 
 
-def listing_to_dicts(files: Iterable[RemoteFile]) -> list[dict]:
-    return [asdict(f) for f in files]
+def registry_ok(metadata_dir: Path) -> bool:
+    try:
+        load_registry(metadata_dir)
+    except HFDError:
+        return False
+    return True
+
+
+def rebuild_registry(metadata_dir: Path, tasks: Iterable[dict[str, Any]]) -> int:
+    """fix-progress: a corrupt datasets.json is rebuilt from the repos of the tasks."""
+    datasets: dict[str, dict[str, Any]] = {}
+    for t in sorted(tasks, key=lambda t: t.get("id", "")):
+        if not t.get("repo_id") or t.get("repo_type") not in REPO_TYPES:
+            continue
+        datasets[repo_key(t["repo_id"], t["repo_type"])] = {
+            "repo_id": t["repo_id"], "repo_type": t["repo_type"], "revision": t.get("revision"),
+            "commit": t.get("commit"), "file_count": t.get("files_total", 0),
+            "total_size": t.get("bytes_total", 0), "description": "",
+            "added_at": t.get("created_at"), "updated_at": now_iso()}
+    path = registry_path(metadata_dir)
+    if path.exists():
+        path.replace(path.with_name(path.name + ".corrupt"))
+    write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "datasets": datasets})
+    return len(datasets)

@@ -367,3 +367,59 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
                 break
             folder = folder.parent
     return removed
+
+
+# ---------------------------------------------------------------- whole-task operations
+
+@dataclass(frozen=True)
+class VerifyReport:
+    results: list[CheckResult]
+    bad: list[CheckResult]
+
+
+def verify_task(store, task: dict[str, Any], local_dir: Path, *, paths: list[str] | None = None,
+                quick: bool = False) -> VerifyReport:
+    """verify: re-check files on disk; bad ones are marked so resume fetches them again."""
+    with store.lock(task["id"]):
+        tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+        paths = [f.path for f in tracker.files] if paths is None else paths
+        results = check_files(tracker, local_dir, paths, quick=quick)
+        bad = apply_checks(tracker, local_dir, results)
+        tracker.save()
+        status = "failed" if bad and task.get("status") == "completed" else task.get("status")
+        store.update(task["id"], status=status,
+                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
+                     **tracker.summary())
+    return VerifyReport(results, bad)
+
+
+@dataclass(frozen=True)
+class FixReport:
+    task_id: str
+    changes: dict[str, int]
+    summary: dict[str, int]
+    status: str
+    rebuilt: bool
+
+
+def fix_task(store, task: dict[str, Any]) -> FixReport:
+    """fix-progress for one task: per-file states and counters from what is on disk."""
+    tid = task["id"]
+    with store.lock(tid):
+        rebuilt = False
+        try:
+            tracker = FileTracker.load(store.paths(tid), tid)
+        except MetadataError:
+            tracker, rebuilt = FileTracker.rebuild(store.paths(tid), tid), True
+        # a batch task's other batches are on other disks: absent is expected there
+        changes = reconcile_with_disk(tracker, Path(task["local_dir"]),
+                                      missing_ok=task.get("kind") == "batch")
+        tracker.save()
+        summary = tracker.summary()
+        status = task.get("status")
+        if summary["files_done"] == summary["files_total"]:
+            status = "completed"
+        elif status in ("running", "completed"):
+            status = "paused"
+        store.update(tid, status=status, pid=None, **summary)
+    return FixReport(tid, changes, summary, status, rebuilt)

@@ -627,22 +627,14 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else Path(task["local_dir"])
-    with store.lock(task["id"]):
-        tracker = ft.FileTracker.load(store.paths(task["id"]), task["id"])
-        paths = [f.path for f in tracker.files]
-        if task.get("kind") == "batch" or args.batch:
-            paths, local_dir = _batch_to_verify(store, task, args, local_dir)
-        results = ft.check_files(tracker, local_dir, paths, quick=args.quick)
-        bad = ft.apply_checks(tracker, local_dir, results)
-        tracker.save()
-        summary = tracker.summary()
-        status = task.get("status")
-        if bad and status == "completed":
-            status = "failed"
-        store.update(task["id"], status=status,
-                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
-                     **summary)
+    local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else None
+    paths = None
+    if task.get("kind") == "batch" or args.batch:
+        import batch_manager as bm
+        paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
+    report = ft.verify_task(store, task, local_dir or Path(task["local_dir"]), paths=paths,
+                            quick=args.quick)
+    results, bad = report.results, report.bad
     if args.json:
         out_json({"task": task["id"], "ok": not bad, "checked": len(results),
                   "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
@@ -659,54 +651,18 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
 
 
-def _batch_to_verify(store, task: dict, args: argparse.Namespace, local_dir: Path):
-    """verify --batch N: the batch's files, on its disk; the disk's marker must name it."""
-    import batch_manager as bm
-    if task.get("kind") != "batch":
-        raise UsageError(f"{task['id']} is not a batch task; verify it without --batch")
-    plan = bm.load_task_plan(store, task["id"])
-    if not args.batch:
-        raise UsageError(f"{task['id']} is a batch task: say which batch to check",
-                         hint=f"python main.py verify {task['id']} --batch N (batch-status "
-                              f"shows the batches)")
-    batch = bm.get_batch(plan, args.batch)
-    if not args.local_dir:
-        local_dir = Path(plan["state"].get(str(args.batch), {}).get("target") or local_dir)
-    if not bm.marker_has(local_dir, plan, args.batch):
-        marker = bm.read_marker(local_dir)
-        holds = ", ".join(f"batch {e.get('batch')} of {e.get('task_id')}"
-                          for e in (marker or {}).get("batches", [])) or "no batch of this tool"
-        raise HFDError(f"the disk at {local_dir} does not hold batch {args.batch} of "
-                       f"{task['id']} (it holds {holds})",
-                       hint="mount the disk of that batch there, or give its folder with "
-                            "--local-dir")
-    return list(batch.paths), local_dir
-
-
 def cmd_clean(args: argparse.Namespace, cfg) -> int:
-    import file_tracker as ft
-    from task_manager import ENDED, FINISHED, TaskStore, normalize_id
+    from task_manager import TaskStore, clean_tasks, normalize_id
     store = TaskStore(cfg.metadata_dir)
     wanted = {normalize_id(t) for t in args.tasks}
-    states = ENDED if args.all else FINISHED
-    removed = 0
-    for tid, task in sorted(store.all().items()):
-        if wanted and tid not in wanted or task.get("status") not in states:
-            continue
-        if store.is_locked(tid):
-            out(f"skipped {tid}: it is running")
-            continue
-        note = ""
-        if args.delete_files:
-            try:
-                tracker = ft.FileTracker.load(store.paths(tid), tid)
-                note = f", {ft.delete_local_files(tracker, Path(task['local_dir']))} files deleted"
-            except HFDError as exc:
-                note = f", files not deleted ({exc})"
-        store.remove(tid)
-        removed += 1
-        out(f"removed {tid} ({task.get('status')}, {task.get('repo_id')}){note}")
-    for tid in sorted(wanted - set(store.all())):
+    removed, running = clean_tasks(store, wanted, include_ended=args.all,
+                                   delete_files=args.delete_files)
+    for c in removed:
+        note = f", {c.files_deleted} files deleted" if c.files_deleted is not None else ""
+        out(f"removed {c.task_id} ({c.status}, {c.repo_id}){note}" + (f", {c.note}" if c.note else ""))
+    for tid in running:
+        out(f"skipped {tid}: it is running")
+    for tid in sorted(wanted - set(store.all()) - {c.task_id for c in removed}):
         out(f"no task {tid}")
     if not removed:
         which = "completed" if not args.all else "completed, cancelled or failed"
@@ -723,29 +679,17 @@ def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
     if not store.index_ok():
         ids = store.rebuild_index()
         out(f"rebuilt {store.index} from {len(ids)} task folders")
-    wanted = [normalize_id(t) for t in args.tasks] or sorted(store.all())
-    for tid in wanted:
-        task = store.get(tid)
-        with store.lock(tid):
-            try:
-                tracker = ft.FileTracker.load(store.paths(tid), tid)
-            except HFDError:
-                tracker = ft.FileTracker.rebuild(store.paths(tid), tid)
-                out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
-            # a batch task's other batches are on other disks: absent is expected there
-            changes = ft.reconcile_with_disk(tracker, Path(task["local_dir"]),
-                                             missing_ok=task.get("kind") == "batch")
-            tracker.save()
-            summary = tracker.summary()
-            status = task.get("status")
-            if status in ("running", "completed") and summary["files_done"] < summary["files_total"]:
-                status = "paused"
-            elif summary["files_done"] == summary["files_total"]:
-                status = "completed"
-            store.update(tid, status=status, pid=None, **summary)
-        changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in changes.items() if v)
-        out(f"{tid}: {changed or 'no change'} ({summary['files_done']}/{summary['files_total']} "
-            f"files complete, status {status})")
+    import dataset_manager as dm
+    if not dm.registry_ok(cfg.metadata_dir):
+        count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())
+        out(f"rebuilt {dm.registry_path(cfg.metadata_dir)} with {count} repos from the tasks")
+    for tid in [normalize_id(t) for t in args.tasks] or sorted(store.all()):
+        fix = ft.fix_task(store, store.get(tid))
+        if fix.rebuilt:
+            out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
+        changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
+        out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
+            f"{fix.summary['files_total']} files complete, status {fix.status})")
     return ExitStatus.OK
 
 

@@ -229,6 +229,40 @@ class TaskStore:
             self.paths(task_id).cancel_flag.unlink()
 
 
+@dataclass(frozen=True)
+class Cleaned:
+    task_id: str
+    status: str
+    repo_id: str
+    files_deleted: int | None     # None: files kept
+    note: str = ""
+
+
+def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
+                delete_files: bool) -> tuple[list[Cleaned], list[str]]:
+    """Remove the records of finished tasks (and, if asked, their files).
+    Returns what was removed and the ids skipped because they are running."""
+    from file_tracker import FileTracker, delete_local_files
+    states = ENDED if include_ended else FINISHED
+    removed, running = [], []
+    for tid, task in sorted(store.all().items()):
+        if (wanted and tid not in wanted) or task.get("status") not in states:
+            continue
+        if store.is_locked(tid):
+            running.append(tid)
+            continue
+        deleted, note = None, ""
+        if delete_files:
+            try:
+                tracker = FileTracker.load(store.paths(tid), tid)
+                deleted = delete_local_files(tracker, Path(task["local_dir"]))
+            except MetadataError as exc:
+                note = f"files not deleted ({exc})"
+        store.remove(tid)
+        removed.append(Cleaned(tid, task.get("status", ""), task.get("repo_id", ""), deleted, note))
+    return removed, running
+
+
 _INDEX_HINT = ("run 'python main.py fix-progress' to rebuild it from the task folders "
                "(metadata/tasks/*/task_metadata.json)")
 

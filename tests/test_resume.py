@@ -327,6 +327,13 @@ def test_corrupt_metadata_is_a_clear_error(cli, hub, damage):
         assert cli(*cmd).code == 0
     st = json.loads(cli("status", "task_001", "--json").out)
     assert st["status"] == "completed" and st["files_done"] == 1
+    registry = cli.metadata / "datasets.json"
+    registry.write_text(registry.read_text()[:10] if damage == "truncate" else '{"datasets": 5}')
+    r = cli("list-datasets")
+    assert r.code == 1 and str(registry) in r.err and "fix-progress" in r.err
+    assert cli("fix-progress").code == 0
+    assert "one" in cli("list-datasets").out
+    assert (cli.metadata / "datasets.json.corrupt").exists()
 
 
 def test_partial_of_an_old_version_is_never_continued(cli, hub):
