@@ -84,6 +84,7 @@ class RunResult:
     bytes_fetched: int = 0
     elapsed: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    bytes_missing: int = 0          # not on disk yet: unfinished files minus their partial bytes
 
 
 # ================================================================ tool choice
@@ -402,6 +403,13 @@ class Aria2Backend(Backend):
             raise error
         report(bytes_on_disk(job.partial))
 
+    def tail(self, text: str, token: str | None) -> str:
+        """aria2c ends with a results table and two lines of boilerplate: the reason (and any
+        `status=NNN`) is on its Exception lines."""
+        keep = [ln.strip() for ln in text.splitlines()
+                if re.search(r"errorCode=|Exception:|status=\d{3}", ln)]
+        return redact(" | ".join(keep[-3:]) or super().tail(text, token), token)[:400]
+
     def error(self, code: int, detail: str) -> FetchError:
         status = re.search(r"status=(\d{3})", detail)
         if status:
@@ -463,7 +471,8 @@ class WgetBackend(Aria2Backend):
 
     def tail(self, text: str, token: str | None) -> str:
         keep = [ln.strip() for ln in text.splitlines()
-                if re.search(r"HTTP/|Retry-After|rror|failed|refused|ERROR", ln)]
+                if re.search(r"^\s*HTTP/\d|^\s*Retry-After:|Cannot write|No space left|rror:|"
+                             r"failed|refused|ERROR", ln)]
         return redact(" | ".join(keep[-4:]), token)[:400]
 
 
@@ -841,7 +850,11 @@ def make_job(run: Run, f: RemoteFile) -> Job:
 
 def prepare_partial(job: Job, backend: Backend) -> None:
     """Keep a partial (of this version: its name says so) only if this tool can continue it."""
-    kind = "aria2" if _aria2_path(job.partial).exists() else (
+    control = _aria2_path(job.partial)
+    with contextlib.suppress(FileNotFoundError):
+        if control.stat().st_size == 0:      # aria2c could not save it (disk full): unreadable
+            control.unlink()
+    kind = "aria2" if control.exists() else (
         "parts" if _parts_path(job.partial).exists() else "seq")
     if not job.partial.exists() or kind not in backend.partial_kinds \
             or (kind == "seq" and _has_holes(job.partial)):
@@ -1007,7 +1020,7 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
             for t in threads:
                 t.join(0.25 / len(threads))
             progress.tick()
-            tracker.maybe_save()
+            _save_or_pause(tracker.maybe_save, stopper, log)
             if on_tick:
                 on_tick()
             if stopper.event.is_set():
@@ -1020,7 +1033,7 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
         progress.close()
         for p in tracker.paths_in(FileState.DOWNLOADING):
             tracker.interrupted(p)
-        tracker.save()
+        _save_or_pause(tracker.save, stopper, log)
     after = tracker.summary()
     result = RunResult(status="", tool=tool, files_total=after["files_total"],
                        files_done=after["files_done"], files_failed=after["files_failed"],
@@ -1028,6 +1041,20 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
                        elapsed=time.monotonic() - started, failures=run.failures)
     del summary
     return result
+
+
+def _save_or_pause(save: Callable[[], None], stopper: "Stopper", log) -> bool:
+    """Save the state; a full disk (ENOSPC) stops the run as disk_full instead of crashing it.
+    The atomic writer leaves the previous file intact, and resume rebuilds from the disk."""
+    try:
+        save()
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.warning("cannot save the task state: %s", exc.strerror)
+        stopper.stop("disk_full", "no space left to save the task state")
+        return False
 
 
 def _join_for(threads: list[threading.Thread], seconds: float) -> None:
@@ -1134,7 +1161,10 @@ def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: s
             result = run_downloads(tracker, todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet, on_tick=on_tick)
-    return finish_task(store, task, tracker, result, stopper, log)
+    result = finish_task(store, task, tracker, result, stopper, log)
+    result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
+        FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
+    return result
 
 
 def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stopper: Stopper,
@@ -1152,9 +1182,10 @@ def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stop
     else:
         result.status = "completed"
     store.clear_cancel(task["id"])
-    store.update(task["id"], status=result.status, reason=result.reason, pid=None,
-                 finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z") if result.status != "paused" else None,
-                 **summary)
+    _save_or_pause(lambda: store.update(
+        task["id"], status=result.status, reason=result.reason, pid=None,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z") if result.status != "paused" else None,
+        **summary), stopper, log)
     log.info("%s: %s %s (%d/%d files, %d bytes fetched in %.1f s)", task["id"], result.status,
              result.reason, result.files_done, result.files_total, result.bytes_fetched,
              result.elapsed)
@@ -1201,7 +1232,14 @@ def open_task(store, req: DownloadRequest, listing, endpoint: str):
     sync = None
     if tracker.meta["commit"] != listing.commit:
         sync = tracker.sync(listing, endpoint)
-        existing = store.update(existing["id"], commit=listing.commit)
+        summary = tracker.summary()
+        # Until it runs (it may yet be refused for space), the record must not say "completed"
+        # for a commit whose new files are missing.
+        behind = summary["files_done"] < summary["files_total"] and \
+            existing.get("status") == "completed"
+        existing = store.update(existing["id"], commit=listing.commit, **summary,
+                                **({"status": "paused", "reason": "new commit: files to fetch"}
+                                   if behind else {}))
     return existing, tracker, sync
 
 

@@ -260,13 +260,22 @@ def load_settings(args: argparse.Namespace):
     return config.load_config(flags)
 
 
+class _NoTraceback(logging.Formatter):
+    """Console lines without the traceback: that goes to the log file (or --debug)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None,
+                                                     "exc_text": None}))
+
+
 def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     """A rotated DEBUG log file per data folder; WARNING (minus 10 per -v) on stderr."""
     log.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.ERROR if quiet else max(logging.DEBUG, logging.WARNING - 10 * verbose))
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console.setFormatter(_NoTraceback("%(levelname)s: %(message)s"))
     log.addHandler(console)
+    logging.raiseExceptions = False      # a full disk must not print "--- Logging error ---"
     path = Path(logs_dir) / "download.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,11 +333,11 @@ def cmd_download(args: argparse.Namespace, cfg) -> int:
               f"{format_size(listing.total_size)} -> {local_dir}")
     say(args, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
         f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
-    dm.register(cfg.metadata_dir, listing)
     outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
                                        endpoint=endpoint, token=token, opts=opts,
                                        reserve=cfg.get("disk_reserve"), log=log,
                                        stream=sys.stderr, quiet=args.quiet)
+    dm.register(cfg.metadata_dir, listing)
     if outcome.sync is not None:
         s = outcome.sync
         say(args, f"new commit {listing.commit[:12]}: {len(s.added)} new, {len(s.changed)} "
@@ -342,10 +351,12 @@ def cmd_download(args: argparse.Namespace, cfg) -> int:
 def pick_endpoint(cfg) -> str:
     """The configured endpoint; with none configured, the first of huggingface.co and the mirror
     that answers (mirror auto-detection), unless --no-mirror."""
-    if cfg.endpoint_configured or cfg.get("no_mirror"):
+    if cfg.endpoint_configured:
         return cfg.endpoint
-    import system_monitor
     candidates = list(cfg.get("mirror_candidates"))
+    if cfg.get("no_mirror"):
+        return candidates[0]          # the primary endpoint, never switched away from
+    import system_monitor
     chosen, checks = system_monitor.pick_endpoint(candidates, timeout=5.0)
     if chosen is None:
         return candidates[0]
@@ -422,7 +433,7 @@ def report_exit(task: dict, result) -> int:
         kind = result.reason.split(":")[0]
         if kind == "disk_full":
             print(f"error: stopped before the disk filled up ({result.reason.split(': ', 1)[-1]});"
-                  f" {format_size(task.get('bytes_total', 0) - result.bytes_done)} still to fetch",
+                  f" {format_size(result.bytes_missing)} still to fetch",
                   file=sys.stderr)
             print(f"hint: free some space, then run 'python main.py resume {tid}'", file=sys.stderr)
         else:

@@ -94,17 +94,33 @@ def _os_reason(exc: OSError) -> str:
     return reason or (exc.strerror or str(exc)).lower()
 
 
-def check_writable(path: str | os.PathLike[str]) -> str | None:
-    """Create the folder if needed and a probe file in it: None when writable, else why not."""
+def check_writable(path: str | os.PathLike[str], *, create: bool = True) -> str | None:
+    """Create the folder if needed and a probe file in it: None when writable, else why not.
+
+    create=False leaves no trace: a missing folder is judged by its nearest existing ancestor,
+    where it would be created (for check-system, which must not make folders).
+    """
     try:
-        os.makedirs(path, exist_ok=True)
+        if create:
+            os.makedirs(path, exist_ok=True)
+            where = Path(path)
+        else:
+            where = _existing_ancestor(path)
+            if not where.is_dir():
+                asked = where == Path(os.path.abspath(path))
+                raise OSError(errno.EEXIST if asked else errno.ENOTDIR, "not a folder")
         # Actually writing answers what access()/mode bits cannot: ro mounts, ACLs, quotas, root.
-        fd, probe = tempfile.mkstemp(prefix=".hfd-write-probe-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".hfd-write-probe-", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         return _os_reason(exc)
     return None
+
+
+def is_read_only(path: str | os.PathLike[str]) -> bool:
+    """The filesystem that holds `path` (or would) is mounted read-only; asks without writing."""
+    return bool(os.statvfs(_existing_ancestor(path)).f_flag & os.ST_RDONLY)
 
 
 # ---------------------------------------------------------------- endpoint
@@ -277,16 +293,18 @@ def _disk_check(path: str | os.PathLike[str], size: int, reserve: int,
                      f"free ({format_size(reserve)} kept in reserve) on {u.mount_point}", data)
     text = (f"{format_size(u.free)} free of {format_size(u.total)} "
             f"({u.percent_used:.0f}% used) on {u.mount_point}")
-    if u.percent_used >= warn_percent:
+    # The unrounded share: 89.96% shows as 90.0 but is not yet at a 90% threshold.
+    if u.used + u.free and 100.0 * u.used / (u.used + u.free) >= warn_percent:
         return Check("disk", Status.WARN, f"{text}: nearly full", data)
     return Check("disk", Status.OK, text, data)
 
 
 def _write_check(path: str | os.PathLike[str]) -> Check:
-    reason = check_writable(path)
+    reason = check_writable(path, create=False)
     if reason:
         return Check("write", Status.FAIL, f"cannot write to {path}: {reason}", {"error": reason})
-    return Check("write", Status.OK, f"{path} is writable", {"error": None})
+    later = "" if os.path.isdir(path) else " (it will be created)"
+    return Check("write", Status.OK, f"{path} is writable{later}", {"error": None})
 
 
 def _endpoint_check(endpoint: str, timeout: float) -> Check:
@@ -340,7 +358,11 @@ def format_report(report: SystemReport) -> str:
 def preflight(path: str | os.PathLike[str], *, needed: int, reserve: int) -> DiskUsage:
     """The usage, or DiskSpaceError when `needed` does not fit above the reserve, or HFDError."""
     usage = disk_usage(path)
-    # Space first: it has no side effects, and on a full disk the probe would fail with ENOSPC.
+    # A read-only disk first: freeing space cannot help there. statvfs asks without writing.
+    if is_read_only(usage.path):
+        raise HFDError(f"cannot write to {path}: read-only file system",
+                       hint="pick another folder with --local-dir")
+    # Space next: it has no side effects, and on a full disk the probe would fail with ENOSPC.
     if usage.free - reserve < needed:
         raise DiskSpaceError(
             f"not enough space in {path}: {format_size(needed)} needed, {format_size(usage.free)} "

@@ -159,6 +159,18 @@ def test_check_writable_on_a_file(tmp_path: Path) -> None:
     assert sm.check_writable(tmp_path / "file" / "sub")
 
 
+def test_check_writable_without_creating(tmp_path: Path) -> None:
+    assert sm.check_writable(tmp_path / "new" / "sub", create=False) is None
+    assert list(tmp_path.iterdir()) == []                      # no folder, no probe left
+    (tmp_path / "file").write_text("x")
+    assert sm.check_writable(tmp_path / "file", create=False) == "the path is a file, not a folder"
+    assert sm.check_writable(tmp_path / "file" / "sub", create=False) == \
+        "a part of the path is a file, not a folder"
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        assert sm.check_writable(ro / "sub", create=False) == "read-only file system"
+        assert sm.is_read_only(ro / "sub") and not sm.is_read_only(tmp_path)
+
+
 def test_chmod_does_not_stop_root(tmp_path: Path) -> None:
     """Why the read-only check uses a ro mount: mode bits do not stop root."""
     folder = tmp_path / "locked"
@@ -198,6 +210,15 @@ def test_preflight_read_only(tmp_path: Path) -> None:
         assert type(info.value) is HFDError
         assert "read-only file system" in str(info.value)
         assert "--local-dir" in (info.value.hint or "")
+
+
+def test_preflight_read_only_beats_not_enough_space(tmp_path: Path) -> None:
+    """Freeing space cannot fix a read-only disk: say that first, and create nothing."""
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(HFDError) as info:
+            sm.preflight(ro / "dl", needed=100 * MiB, reserve=MiB)
+        assert type(info.value) is HFDError
+        assert str(info.value) == f"cannot write to {ro / 'dl'}: read-only file system"
 
 
 # ---------------------------------------------------------------- guard
@@ -346,6 +367,22 @@ def test_check_system_huge_size_fails(tmp_path: Path, closed: str) -> None:
     assert report.checks[2].status == "fail" and "connection refused" in report.checks[2].message
     assert not report.ok and report.worst == "fail"
     assert "FAIL" in sm.format_report(report)
+
+
+def test_check_system_warn_threshold_is_not_rounded(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:                # 4096 pages of 4 KiB
+        (mnt / "f").write_bytes(b"x" * 3685 * 4096)            # 89.97% used, shown as 90.0
+        report = sm.check_system(mnt, reserve=0, warn_percent=90)
+        assert report.checks[0].data["percent_used"] == 90.0
+        assert report.checks[0].status == "ok"                 # not yet at 90%
+        (mnt / "g").write_bytes(b"x" * 2 * 4096)               # 90.01%
+        assert sm.check_system(mnt, reserve=0, warn_percent=90).checks[0].status == "warn"
+
+
+def test_check_system_does_not_create_the_folder(tmp_path: Path) -> None:
+    report = sm.check_system(tmp_path / "not" / "yet", reserve=0)
+    assert report.checks[1].status == "ok" and "will be created" in report.checks[1].message
+    assert not (tmp_path / "not").exists()
 
 
 def test_check_system_warns_when_nearly_full(tmp_path: Path) -> None:
