@@ -343,9 +343,8 @@ def _probe(backend: "Backend", job: Job) -> float:
         return 5.0
 
 
-class Aria2Backend(Backend):
-    name = "aria2c"
-    partial_kinds = ("seq", "aria2", "parts")
+class ToolBackend(Backend):
+    """What aria2c and wget share: one process per file, and the hand-off of huge files."""
 
     def probe_retry_after(self, job: Job) -> float:
         return _probe(self, job)
@@ -363,6 +362,28 @@ class Aria2Backend(Backend):
         if not hasattr(self, "_python"):
             self._python = PythonBackend(self.opts, self.children, self.log)
         return self._python.fetch(job, report, stop)
+
+    def _run(self, argv, stdin_text, job, report, stop) -> None:
+        """Run one tool process for one file; its output goes to a scratch file we read back."""
+        self.log.info("running: %s", redact(" ".join(argv), job.token))
+        with tempfile.TemporaryFile() as output:
+            proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=output)
+            try:
+                code = watch_process(proc, job, report, stop, self.opts.stall_timeout)
+            finally:
+                self.children.forget(proc)
+            output.seek(0)
+            detail = self.tail(output.read().decode(errors="replace"), job.token)
+        if code != 0:
+            error = self.error(code, detail)
+            if error.retry_after is None and "429" in str(error):
+                error.retry_after = self.probe_retry_after(job)
+            raise error
+        report(bytes_on_disk(job.partial))
+
+class Aria2Backend(ToolBackend):
+    name = "aria2c"
+    partial_kinds = ("seq", "aria2", "parts")
 
     def fetch(self, job: Job, report, stop) -> str | None:
         if self.too_big(job):
@@ -385,24 +406,6 @@ class Aria2Backend(Backend):
                 f"--user-agent={USER_AGENT}", f"--stop-with-process={os.getpid()}"]
         return self._run(argv, "\n".join(lines) + "\n", job, report, stop)
 
-    def _run(self, argv, stdin_text, job, report, stop) -> None:
-        """Run one tool process for one file; its output goes to a scratch file we read back."""
-        self.log.info("running: %s", redact(" ".join(argv), job.token))
-        with tempfile.TemporaryFile() as output:
-            proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=output)
-            try:
-                code = watch_process(proc, job, report, stop, self.opts.stall_timeout)
-            finally:
-                self.children.forget(proc)
-            output.seek(0)
-            detail = self.tail(output.read().decode(errors="replace"), job.token)
-        if code != 0:
-            error = self.error(code, detail)
-            if error.retry_after is None and "429" in str(error):
-                error.retry_after = self.probe_retry_after(job)
-            raise error
-        report(bytes_on_disk(job.partial))
-
     def tail(self, text: str, token: str | None) -> str:
         """aria2c ends with a results table and two lines of boilerplate: the reason (and any
         `status=NNN`) is on its Exception lines."""
@@ -423,7 +426,7 @@ class Aria2Backend(Backend):
         return FetchError(f"aria2c exited {code}: {detail}")
 
 
-class WgetBackend(Aria2Backend):
+class WgetBackend(ToolBackend):
     name = "wget"
     partial_kinds = ("seq", "parts")
 
