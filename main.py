@@ -28,34 +28,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitStatus.USAGE, f"error: {message}\nhint: see 'python {self.prog} --help'\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
+    """An argparse type: convert, check the range, or say what was expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_margin = _number(float, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")
 
 
 def _size(text: str) -> int:
@@ -63,16 +52,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
-
-
-def _margin(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction above 0 and at most 1, got {text!r}")
-    return value
 
 
 def _common() -> argparse.ArgumentParser:
