@@ -973,11 +973,11 @@ def reconcile(tracker: FileTracker, local_dir: Path, files: Iterable[RemoteFile]
 def forget_missing(tracker: FileTracker, local_dir: Path) -> int:
     """Completed files deleted (or changed in size) by hand go back to pending."""
     count = 0
-    for path in tracker.paths_in(FileState.COMPLETED):
-        f = tracker.by_path[path]
+    root = str(local_dir)
+    for path in tracker.paths_in(FileState.COMPLETED):     # paths were checked on load
         try:
-            ok = os.stat(safe_join(local_dir, path)).st_size == f.size
-        except (FileNotFoundError, ValueError):
+            ok = os.stat(os.path.join(root, path)).st_size == tracker.by_path[path].size
+        except (FileNotFoundError, NotADirectoryError):
             ok = False
         if not ok:
             tracker.reset(path, "missing on disk")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from dataset_manager import Listing, RemoteFile, file_url
 from task_manager import TaskPaths
-from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, read_json,
+from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, read_json, safe_relpath,
                    write_json_atomic)
 
 
@@ -81,9 +81,9 @@ class FileTracker:
             raise MetadataError(f"metadata file {paths.file_list} has no 'files' list",
                                 hint="delete the task ('clean') and download again")
         try:
-            files = [RemoteFile(e["filename"], int(e["expected_size"]), e["blob_id"],
-                                e.get("sha256")) for e in entries]
-        except (KeyError, TypeError, ValueError) as exc:
+            files = [RemoteFile(safe_relpath(e["filename"]), int(e["expected_size"]),
+                                e["blob_id"], e.get("sha256")) for e in entries]
+        except (KeyError, TypeError, ValueError) as exc:   # a hand-edited unsafe name too
             raise MetadataError(f"metadata file {paths.file_list} has a bad entry ({exc})",
                                 hint="delete the task ('clean') and download again") from None
         meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
