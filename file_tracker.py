@@ -195,6 +195,11 @@ class FileTracker:
         if self._dirty and time.monotonic() - self._last_save >= self.min_interval:
             self.save()
 
+    def flush(self) -> None:
+        """Save if anything changed since the last save."""
+        if self._dirty:
+            self.save()
+
     def save(self) -> None:
         with self._lock:
             started = time.monotonic()

@@ -242,7 +242,7 @@ def hash_file(path: Path, kind: str, size: int, *, start_hasher=None, offset: in
     with open(path, "rb") as f:
         if offset:
             f.seek(offset)
-        buf = bytearray(HASH_CHUNK)
+        buf = bytearray(min(HASH_CHUNK, max(size, 1 << 16)))   # small files: small buffer
         view = memoryview(buf)
         while True:
             n = f.readinto(buf)

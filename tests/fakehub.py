@@ -316,15 +316,14 @@ class FakeHub:
         self._secret = os.urandom(16)
         self._seq = 0
         self._stop = threading.Event()
-        self._servers: list[ThreadingHTTPServer] = []
+        self._servers: list[_Server] = []
         self._conns: set[socket.socket] = set()
 
     # ----- lifecycle
     def start(self) -> Self:
         self._stop.clear()
         for role in ("hub", "cdn"):
-            srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-            srv.daemon_threads = True
+            srv = _Server(("127.0.0.1", 0), _Handler)
             srv.hub, srv.role = self, role  # type: ignore[attr-defined]
             # A short poll interval keeps stop() (and so each test's teardown) fast.
             threading.Thread(target=srv.serve_forever, args=(0.02,), name=f"fakehub-{role}", daemon=True).start()
@@ -511,12 +510,22 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     return start, end
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a client opening 16+ connections at once (aria2c -x16,
+    # -j 32) would see SYNs dropped and retried a second later, which is the double's fault, not the client's.
+    request_queue_size = 1024
+
+
 class _HandledError(Exception):
     """An error response was already sent."""
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle on, the body of a small response waits for the
+    # client's delayed ACK (~40 ms) on every reused keep-alive connection, a delay no real server adds.
+    disable_nagle_algorithm = True
 
     def version_string(self) -> str:
         return "fakehub"

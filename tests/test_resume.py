@@ -359,3 +359,18 @@ def test_partial_of_an_old_version_is_never_continued(cli, hub):
     assert "mismatch" not in r.text
     check_tree(target, {"w.bin": Content(3_000_000, 2), "x.txt": b"x"})
     assert not old[0].exists()
+
+
+def test_files_found_on_disk_are_recorded(cli, hub):
+    """A download into a folder that already holds every file checks them and records them
+    as completed, so the next run does not check them again."""
+    files = {"a.bin": Content(100_000, 1), "b.txt": b"b"}
+    hub.add_repo("here", files)
+    assert cli("download", "here", "--local-dir", str(cli.root / "first")).code == 0
+    __import__("shutil").copytree(cli.root / "first", cli.root / "copy")
+    hub.reset_log()
+    r = cli("download", "here", "--local-dir", str(cli.root / "copy"))
+    assert r.code == 0, r.text
+    assert hub.count(path_contains="/resolve/") == 0
+    status = json.loads((cli.metadata / "tasks" / "task_002" / "file_status.json").read_text())
+    assert {e["status"] for e in status["files"].values()} == {"completed"}
