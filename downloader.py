@@ -535,9 +535,11 @@ class Aria2Backend(ToolBackend):
         """Poll one download: progress, completion, errors, stalls and stops."""
         keys = ["status", "completedLength", "errorCode", "errorMessage"]
         last, last_change = -1, time.monotonic()
+        delay = 0.01          # small files finish in tens of ms: look soon, then back off
         while True:
-            if stop.wait(self.POLL):
+            if stop.wait(delay):
                 raise FetchError("stopped")
+            delay = min(self.POLL, delay * 1.5)
             st = daemon.call("aria2.tellStatus", gid, keys)
             done = int(st.get("completedLength") or 0)
             if done != last:
