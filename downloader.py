@@ -40,7 +40,7 @@ USER_AGENT = "hf-downloader/1.0"
 class Options:
     tool: str = "auto"
     connections: int = 8
-    jobs: int = 4
+    jobs: int = 8
     retries: int = 5
     stall_timeout: float = 60.0
     retry_base: float = 1.0

@@ -87,8 +87,8 @@ def _tool_args(p: argparse.ArgumentParser) -> None:
                    help="download tool (env HFDL_TOOL; default auto: aria2c, else wget, else python)")
     p.add_argument("-x", "--connections", type=_positive_int, default=8, metavar="N",
                    help="connections per file (default 8)")
-    p.add_argument("-j", "--jobs", type=_positive_int, default=4, metavar="N",
-                   help="files at once (default 4)")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=8, metavar="N",
+                   help="files at once (default 8; 16-32 for repos of many small files)")
     p.add_argument("--retries", type=_non_negative_int, default=5, metavar="N",
                    help="retries per file after the first try (default 5)")
     p.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="SEC",
