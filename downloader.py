@@ -130,7 +130,7 @@ def retry_after_seconds(headers) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def http_error(status: int, url: str, headers, body: str = "") -> FetchError:
+def http_error(status: int, url: str, headers) -> FetchError:
     """Map an HTTP status on a file request to a FetchError."""
     if status == 429:
         return FetchError("rate limited (429)", retry_after=retry_after_seconds(headers) or 5.0)
@@ -308,7 +308,6 @@ class Backend:
     """One way of fetching a file into its partial; `fetch` blocks and raises FetchError."""
 
     name = "base"
-    hashes_inline = False
     partial_kinds: tuple[str, ...] = ("seq",)
 
     def __init__(self, opts: Options, children: ChildSet, log) -> None:
@@ -624,7 +623,6 @@ class PythonBackend(Backend):
     """requests in threads; hashes while writing; ranged parts for huge files or -x N."""
 
     name = "python"
-    hashes_inline = True
     partial_kinds = ("seq", "parts")
     CHUNK = 1 << 20        # read1: up to this much, but whatever has arrived (slow links too)
     MIN_PART = 64 << 20
@@ -1155,7 +1153,6 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
     started = time.monotonic()
     children = ChildSet()
     backend = BACKENDS[tool](opts, children, log)
-    summary = tracker.summary()
     todo_bytes = sum(tracker.by_path[p].size for p in paths_todo)
     progress = Progress(len(paths_todo), todo_bytes, 0, 0, stream, opts.progress_interval, quiet)
     run = Run(tracker, local_dir, endpoint, token, opts, backend, progress, stopper, log)
@@ -1208,7 +1205,6 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
                        files_done=after["files_done"], files_failed=after["files_failed"],
                        bytes_done=after["bytes_done"], bytes_fetched=progress.fetched,
                        elapsed=time.monotonic() - started, failures=run.failures)
-    del summary
     return result
 
 
