@@ -200,24 +200,16 @@ class ChildSet:
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
 
-    def start(self, argv: list[str], *, stdin_text: str | None, env: dict[str, str],
-              stdout) -> subprocess.Popen:
+    def start(self, argv: list[str], *, env: dict[str, str], stdout) -> subprocess.Popen:
         # preexec_fn forces a slow fork of this process under the GIL (5.9 ms a spawn vs 0.7
         # measured); setpriv sets the same parent-death signal in the child instead.
         setpriv = _setpriv()
         extra = {} if setpriv else {"preexec_fn": _die_with_parent}
         proc = subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv,
-                                stdin=subprocess.PIPE if stdin_text is not None else
-                                subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, **extra)
         with self._lock:
             self._procs.add(proc)
-        if stdin_text is not None:
-            try:
-                proc.stdin.write(stdin_text.encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
         return proc
 
     def forget(self, proc: subprocess.Popen) -> None:
@@ -382,11 +374,11 @@ class ToolBackend(Backend):
             self._python = PythonBackend(self.opts, self.children, self.log)
         return self._python.fetch(job, report, stop)
 
-    def _run(self, argv, stdin_text, job, report, stop) -> None:
+    def _run(self, argv, job, report, stop) -> None:
         """Run one tool process for one file; its output goes to a scratch file we read back."""
         self.log.debug("running: %s", redact(" ".join(argv), job.token))
         with tempfile.TemporaryFile() as output:
-            proc = self.children.start(argv, stdin_text=stdin_text, env=child_env(), stdout=output)
+            proc = self.children.start(argv, env=child_env(), stdout=output)
             try:
                 code = watch_process(proc, job, report, stop, self.opts.stall_timeout)
             finally:
@@ -428,7 +420,7 @@ class Aria2Daemon:
                 f"--stop-with-process={os.getpid()}"]
         log.info("running: %s", " ".join(argv))
         self.output = tempfile.TemporaryFile()
-        self.proc = children.start(argv, stdin_text=None, env=child_env(), stdout=self.output)
+        self.proc = children.start(argv, env=child_env(), stdout=self.output)
         import requests
         self.http = requests.Session()
         self.http.trust_env = False          # 127.0.0.1: never through a proxy
@@ -593,7 +585,7 @@ class WgetBackend(ToolBackend):
             else:
                 argv.insert(1, "--no-config")
             argv += ["--", url]
-            return self._run(argv, None, job, report, stop)
+            return self._run(argv, job, report, stop)
         finally:
             if config_dir:
                 shutil.rmtree(config_dir, ignore_errors=True)
