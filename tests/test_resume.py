@@ -20,6 +20,14 @@ TOTAL_FILES = {
     "notes.txt": b"n" * 5000,
 }
 TOTAL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in TOTAL_FILES.values())
+KILL_FILES = {
+    "a.bin": Content(9_600_000, 31),
+    "sub/b.safetensors": Content(8_000_000, 32),
+    "sub/c.bin": Content(6_400_000, 33),
+    "config.json": b'{"x": 1}',
+    "notes.txt": b"n" * 5000,
+}
+KILL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in KILL_FILES.values())
 
 
 def check_tree(folder: Path, files: dict) -> None:
@@ -77,36 +85,37 @@ def json_files_ok(metadata: Path) -> None:
 @pytest.mark.parametrize("tool", TOOLS)
 @pytest.mark.parametrize("fraction", [0.15, 0.6])
 def test_kill9_then_resume_is_byte_identical(cli, hub, tool, fraction):
-    hub.add_repo("org/model", TOTAL_FILES)
-    hub.bandwidth_per_conn = 1_500_000
+    # files of several MiB: aria2c records progress in 1 MiB pieces, so a kill inside a file's
+    # first MiB loses that MiB by design; bigger files test the resume, not that granularity
+    hub.add_repo("org/model", KILL_FILES)
+    hub.bandwidth_per_conn = 6_000_000
     proc = cli.popen("download", "org/model", "--tool", tool, "-j", "3", "-x", "2")
     target = cli.downloads / "org--model"
-    assert wait_for(lambda: disk_bytes(target) >= fraction * TOTAL_BYTES, 30), proc.stderr.read()
+    assert wait_for(lambda: disk_bytes(target) >= fraction * KILL_BYTES, 30), proc.stderr.read()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # no tool left running, no partial at a final path, no corrupt JSON
     assert wait_for(lambda: not tool_processes(str(cli.root)), 5), tool_processes(str(cli.root))
     for path, p in tree_files(target).items():
         if not path.endswith((".incomplete", ".aria2", ".parts", ".log")):
-            d = TOTAL_FILES[path]
+            d = KILL_FILES[path]
             assert p.stat().st_size == (d.size if isinstance(d, Content) else len(d)), path
     json_files_ok(cli.metadata)
     assert "interrupted" in cli("status", "task_001").out
     first = hub.bytes_served()
     # the cap stays on: on an uncapped loopback the server would count whole bodies pushed into
     # socket buffers that aria2c drops once it switches to ranges
-    hub.bandwidth_per_conn = 3_000_000
+    hub.bandwidth_per_conn = 12_000_000
     r = cli("resume", "task_001", "--tool", tool)
     assert r.code == 0, r.text
-    check_tree(target, TOTAL_FILES)
+    check_tree(target, KILL_FILES)
     second = hub.bytes_served() - first
     # resume continued from the partial bytes instead of starting over
-    assert first + second < 2 * TOTAL_BYTES, (first, second)
+    assert first + second < 2 * KILL_BYTES, (first, second)
     if tool != "aria2c":
         # aria2c opens every file with a plain GET that the server over-sends into socket
-        # buffers before aria2c switches to ranges, and a split file killed before its first
-        # control-file save (1 s) cannot be continued: its total stays under two downloads
-        assert second < TOTAL_BYTES
+        # buffers before aria2c switches to ranges: its total stays under two downloads
+        assert second < KILL_BYTES
     json_files_ok(cli.metadata)
 
 
