@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -677,7 +676,6 @@ class PythonBackend(Backend):
         raise FetchError("too many redirects")
 
     def _copy(self, resp, out, hasher, offset: int, report, stop) -> int:
-        import requests
         done = offset
         try:
             for chunk in _chunks(resp, self.CHUNK):
@@ -758,7 +756,6 @@ class PythonBackend(Backend):
             if not _range_starts_at(resp, offset):
                 raise FetchError("the server ignored a range request")
             out.seek(offset)
-            import requests
             try:
                 for chunk in _chunks(resp, self.CHUNK):
                     if stop.is_set():

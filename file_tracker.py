@@ -75,20 +75,8 @@ class FileTracker:
 
     @classmethod
     def load(cls, paths: TaskPaths, task_id: str) -> "FileTracker":
-        listing = read_json(paths.file_list)
-        entries = listing.get("files")
-        if not isinstance(entries, list):
-            raise MetadataError(f"metadata file {paths.file_list} has no 'files' list",
-                                hint="delete the task ('clean') and download again")
-        try:
-            files = [RemoteFile(safe_relpath(e["filename"]), int(e["expected_size"]),
-                                e["blob_id"], e.get("sha256")) for e in entries]
-        except (KeyError, TypeError, ValueError) as exc:   # a hand-edited unsafe name too
-            raise MetadataError(f"metadata file {paths.file_list} has a bad entry ({exc})",
-                                hint="delete the task ('clean') and download again") from None
-        meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
-        status = cls._load_status(paths, files)
-        return cls(paths, task_id, files, status, meta)
+        files, meta = _read_list(paths)
+        return cls(paths, task_id, files, cls._load_status(paths, files), meta)
 
     @staticmethod
     def _load_status(paths: TaskPaths, files: list[RemoteFile]) -> dict[str, dict[str, Any]]:
@@ -99,8 +87,8 @@ class FileTracker:
             if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
                 raise MetadataError(f"metadata file {paths.file_status} has a bad 'files' object")
         except MetadataError as exc:
-            raise MetadataError(str(exc), hint=f"run 'python main.py fix-progress' to rebuild it "
-                                               f"from the files on disk") from None
+            raise MetadataError(str(exc), hint="run 'python main.py fix-progress' to rebuild it "
+                                               "from the files on disk") from None
         for f in files:          # entries missing from a hand-edited file start over
             if f.path not in status or status[f.path].get("status") not in _STATES:
                 status[f.path] = _new_status(f)
@@ -109,10 +97,7 @@ class FileTracker:
     @classmethod
     def rebuild(cls, paths: TaskPaths, task_id: str) -> "FileTracker":
         """A fresh status for every file (fix-progress reconciles it with the disk next)."""
-        listing = read_json(paths.file_list)
-        files = [RemoteFile(e["filename"], int(e["expected_size"]), e["blob_id"], e.get("sha256"))
-                 for e in listing["files"]]
-        meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
+        files, meta = _read_list(paths)
         return cls(paths, task_id, files, {f.path: _new_status(f) for f in files}, meta)
 
     def write_list(self, endpoint: str) -> None:
@@ -241,6 +226,22 @@ class FileTracker:
         old_versions = {p: old[p].expected_hash for p in changed + removed}
         return SyncReport(added, changed, removed, len(listing.files) - len(added) - len(changed),
                           old_versions)
+
+
+def _read_list(paths: TaskPaths) -> tuple[list[RemoteFile], dict[str, Any]]:
+    """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
+    listing = read_json(paths.file_list)
+    entries = listing.get("files")
+    if not isinstance(entries, list):
+        raise MetadataError(f"metadata file {paths.file_list} has no 'files' list",
+                            hint="delete the task ('clean') and download again")
+    try:
+        files = [RemoteFile(safe_relpath(e["filename"]), int(e["expected_size"]),
+                            e["blob_id"], e.get("sha256")) for e in entries]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MetadataError(f"metadata file {paths.file_list} has a bad entry ({exc})",
+                            hint="delete the task ('clean') and download again") from None
+    return files, {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
 
 
 def _new_status(f: RemoteFile) -> dict[str, Any]:

@@ -528,7 +528,7 @@ def cmd_task_detail(args: argparse.Namespace, cfg) -> int:
         out_json({"task": _task_row(task), "counts": tracker.counts, "files": shown})
         return ExitStatus.OK
     cmd_status(argparse.Namespace(task=task["id"], json=False), cfg)
-    out(f"  counts: " + ", ".join(f"{k} {v}" for k, v in tracker.counts.items()))
+    out("  counts: " + ", ".join(f"{k} {v}" for k, v in tracker.counts.items()))
     out("")
     out(f"{'STATUS':12} {'SIZE':>11} {'TRIES':>5}  FILE")
     for r in shown:
@@ -858,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, _on_sigterm)
+    log_path = None
     try:
         cfg = load_settings(args)
         log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
@@ -881,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("unexpected error", exc_info=True)
         if args.debug:
             raise
-        where = "the log in the logs folder"
+        where = log_path or "the log (no log file could be written)"
         print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"hint: this is a bug; the traceback is in {where} (or run with --debug)",
               file=sys.stderr)

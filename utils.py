@@ -164,9 +164,10 @@ def read_json(path: Path, *, kind: dict | list = dict, default: Any = None) -> A
     except FileNotFoundError:
         if default is not None:
             return default
-        raise MetadataError(f"metadata file {path} is missing")
+        raise MetadataError(f"metadata file {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MetadataError(f"metadata file {path} is corrupt ({exc})", hint=_RECOVER_HINT)
+        raise MetadataError(f"metadata file {path} is corrupt ({exc})",
+                            hint=_RECOVER_HINT) from None
     if not isinstance(data, kind):
         raise MetadataError(f"metadata file {path} has the wrong shape (expected a JSON "
                             f"{'object' if kind is dict else 'list'})", hint=_RECOVER_HINT)

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import sha256_file, tree_files
 from fakehub import Content, Virtual, content_sha256

@@ -133,7 +133,6 @@ def test_cancel_from_another_process(cli, hub, tool):
     assert wait_for(lambda: not tool_processes(str(cli.root)), 5), tool_processes(str(cli.root))
     st = json.loads(cli("status", "task_001", "--json").out)
     assert st["status"] == "cancelled"
-    partial_bytes = sum(p.stat().st_size for p in (cli.downloads / "org--model").rglob("*.incomplete"))
     served = hub.bytes_served()
     hub.bandwidth_per_conn = 3_000_000
     r = cli("resume", "task_001")
