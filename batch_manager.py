@@ -503,6 +503,7 @@ def format_plan(batches: Sequence[Batch], capacity: int) -> str:
 
 PLAN_KIND = "hf-downloader-plan"
 MARKER_NAME = ".hf-downloader-batch.json"
+PLAN_FILE = "batch_plan.json"            # in the task folder, beside file_tracker's files
 BATCH_STATES = ("pending", "downloading", "completed", "failed", "oversize")
 
 
@@ -571,7 +572,7 @@ def write_plan_file(path: str, plan: dict[str, Any]) -> None:
 
 def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
     from utils import read_json
-    path = store.paths(task_id).batch_plan
+    path = store.folder(task_id) / PLAN_FILE
     if not path.exists():
         raise UsageError(f"{task_id} is not a batch task",
                          hint="batch commands take the task that plan-batch or batch-download made")
@@ -585,7 +586,7 @@ def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
 
 def save_task_plan(store: Any, task_id: str, plan: dict[str, Any]) -> None:
     from utils import write_json_atomic
-    write_json_atomic(store.paths(task_id).batch_plan, plan, indent=None)
+    write_json_atomic(store.folder(task_id) / PLAN_FILE, plan, indent=None)
 
 
 def open_batch_task(store: Any, identity: dict[str, Any], plan: dict[str, Any], local_dir: Path,
@@ -596,7 +597,7 @@ def open_batch_task(store: Any, identity: dict[str, Any], plan: dict[str, Any], 
     task = store.create({**identity, "plan_id": plan["plan_id"], "commit": plan["commit"],
                          "local_dir": str(local_dir), "batch_count": len(plan["batches"]),
                          "files_total": len(listing.files), "bytes_total": listing.total_size})
-    FileTracker.create(store.paths(task["id"]), task["id"], listing, endpoint)
+    FileTracker.create(store.folder(task["id"]), task["id"], listing, endpoint)
     save_task_plan(store, task["id"], plan)
     return task
 
@@ -697,7 +698,7 @@ def run_batch(store: Any, task: dict[str, Any], number: int, *, target: Path | N
     with store.lock(task["id"]):
         plan = load_task_plan(store, task["id"])
         batch = get_batch(plan, number)
-        tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
         target = Path(target or task["local_dir"])
         warnings = [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
                     f"files); finish it later with batch-continue {task['id']} {b.number}"
@@ -748,7 +749,7 @@ def batch_rows(store: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
     """batch-status: one row per batch, with where it went and whether that disk is here now."""
     from file_tracker import FileTracker
     plan = load_task_plan(store, task["id"])
-    tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
     rows = []
     for b in plan_batches_of(plan):
         where = plan["state"].get(str(b.number), {})

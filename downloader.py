@@ -1382,9 +1382,9 @@ def open_task(store, req: DownloadRequest, listing, endpoint: str):
     if existing is None:
         task = store.create({**req.identity(), "commit": listing.commit,
                              "files_total": len(listing.files), "bytes_total": listing.total_size})
-        tracker = FileTracker.create(store.paths(task["id"]), task["id"], listing, endpoint)
+        tracker = FileTracker.create(store.folder(task["id"]), task["id"], listing, endpoint)
         return task, tracker, None
-    tracker = FileTracker.load(store.paths(existing["id"]), existing["id"])
+    tracker = FileTracker.load(store.folder(existing["id"]), existing["id"])
     sync = None
     if tracker.meta["commit"] != listing.commit:
         sync = tracker.sync(listing, endpoint)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dataset_manager import Listing, RemoteFile, file_url
-from task_manager import TaskPaths
 from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, read_json, safe_relpath,
                    write_json_atomic)
 
@@ -42,12 +41,16 @@ class CheckResult:
     detail: str = ""
 
 
+FILE_LIST = "file_list.json"       # the task's files, written when the listing changes
+FILE_STATUS = "file_status.json"   # their states, saved coalesced
+
+
 class FileTracker:
     """The files of one task and their states, kept in memory and saved coalesced."""
 
-    def __init__(self, paths: TaskPaths, task_id: str, files: list[RemoteFile],
+    def __init__(self, folder: Path, task_id: str, files: list[RemoteFile],
                  status: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-        self.paths = paths
+        self.folder = Path(folder)          # the task folder (task_manager.TaskStore.folder)
         self.task_id = task_id
         self.files = files
         self.by_path = {f.path: f for f in files}
@@ -62,10 +65,10 @@ class FileTracker:
     # ------------------------------------------------------------ create / load
 
     @classmethod
-    def create(cls, paths: TaskPaths, task_id: str, listing: Listing, endpoint: str) -> "FileTracker":
+    def create(cls, folder: Path, task_id: str, listing: Listing, endpoint: str) -> "FileTracker":
         meta = {"repo_id": listing.repo_id, "repo_type": listing.repo_type,
                 "commit": listing.commit}
-        tracker = cls(paths, task_id, list(listing.files), {}, meta)
+        tracker = cls(folder, task_id, list(listing.files), {}, meta)
         for f in listing.files:
             tracker.status[f.path] = _new_status(f)
         tracker._recount()
@@ -74,18 +77,19 @@ class FileTracker:
         return tracker
 
     @classmethod
-    def load(cls, paths: TaskPaths, task_id: str) -> "FileTracker":
-        files, meta = _read_list(paths)
-        return cls(paths, task_id, files, cls._load_status(paths, files), meta)
+    def load(cls, folder: Path, task_id: str) -> "FileTracker":
+        files, meta = _read_list(Path(folder))
+        return cls(folder, task_id, files, cls._load_status(Path(folder), files), meta)
 
     @staticmethod
-    def _load_status(paths: TaskPaths, files: list[RemoteFile]) -> dict[str, dict[str, Any]]:
+    def _load_status(folder: Path, files: list[RemoteFile]) -> dict[str, dict[str, Any]]:
         """Read file_status.json; a missing or corrupt one says how to rebuild it."""
+        path = folder / FILE_STATUS
         try:
-            data = read_json(paths.file_status)
+            data = read_json(path)
             status = data.get("files")
             if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
-                raise MetadataError(f"metadata file {paths.file_status} has a bad 'files' object")
+                raise MetadataError(f"metadata file {path} has a bad 'files' object")
         except MetadataError as exc:
             raise MetadataError(str(exc), hint="run 'python main.py fix-progress' to rebuild it "
                                                "from the files on disk") from None
@@ -95,17 +99,17 @@ class FileTracker:
         return status
 
     @classmethod
-    def rebuild(cls, paths: TaskPaths, task_id: str) -> "FileTracker":
+    def rebuild(cls, folder: Path, task_id: str) -> "FileTracker":
         """A fresh status for every file (fix-progress reconciles it with the disk next)."""
-        files, meta = _read_list(paths)
-        return cls(paths, task_id, files, {f.path: _new_status(f) for f in files}, meta)
+        files, meta = _read_list(Path(folder))
+        return cls(folder, task_id, files, {f.path: _new_status(f) for f in files}, meta)
 
     def write_list(self, endpoint: str) -> None:
         repo_id, repo_type, commit = self.meta["repo_id"], self.meta["repo_type"], self.meta["commit"]
         entries = [{"filename": f.path, "url": file_url(endpoint, repo_id, repo_type, commit, f.path),
                     "expected_size": f.size, "blob_id": f.blob_id, "sha256": f.sha256,
                     "lfs": f.lfs} for f in self.files]
-        write_json_atomic(self.paths.file_list,
+        write_json_atomic(self.folder / FILE_LIST,
                           {"schema_version": SCHEMA_VERSION, "task_id": self.task_id, **self.meta,
                            "files": entries}, indent=None)
 
@@ -191,7 +195,7 @@ class FileTracker:
             data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
                     "commit": self.meta["commit"], "updated_at": now_iso(),
                     "counts": dict(self.counts), "files": self.status}
-            write_json_atomic(self.paths.file_status, data, indent=None)
+            write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
             self._dirty = False
             self._last_save = time.monotonic()
             # A big status file must not eat the run: save at most ~5% of the time.
@@ -228,18 +232,19 @@ class FileTracker:
                           old_versions)
 
 
-def _read_list(paths: TaskPaths) -> tuple[list[RemoteFile], dict[str, Any]]:
+def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
     """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
-    listing = read_json(paths.file_list)
+    path = folder / FILE_LIST
+    listing = read_json(path)
     entries = listing.get("files")
     if not isinstance(entries, list):
-        raise MetadataError(f"metadata file {paths.file_list} has no 'files' list",
+        raise MetadataError(f"metadata file {path} has no 'files' list",
                             hint="delete the task ('clean') and download again")
     try:
         files = [RemoteFile(safe_relpath(e["filename"]), int(e["expected_size"]),
                             e["blob_id"], e.get("sha256")) for e in entries]
     except (KeyError, TypeError, ValueError) as exc:
-        raise MetadataError(f"metadata file {paths.file_list} has a bad entry ({exc})",
+        raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
                             hint="delete the task ('clean') and download again") from None
     return files, {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
 
@@ -373,59 +378,3 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
                 break
             folder = folder.parent
     return removed
-
-
-# ---------------------------------------------------------------- whole-task operations
-
-@dataclass(frozen=True)
-class VerifyReport:
-    results: list[CheckResult]
-    bad: list[CheckResult]
-
-
-def verify_task(store, task: dict[str, Any], local_dir: Path, *, paths: list[str] | None = None,
-                quick: bool = False) -> VerifyReport:
-    """verify: re-check files on disk; bad ones are marked so resume fetches them again."""
-    with store.lock(task["id"]):
-        tracker = FileTracker.load(store.paths(task["id"]), task["id"])
-        paths = [f.path for f in tracker.files] if paths is None else paths
-        results = check_files(tracker, local_dir, paths, quick=quick)
-        bad = apply_checks(tracker, local_dir, results)
-        tracker.save()
-        status = "failed" if bad and task.get("status") == "completed" else task.get("status")
-        store.update(task["id"], status=status,
-                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
-                     **tracker.summary())
-    return VerifyReport(results, bad)
-
-
-@dataclass(frozen=True)
-class FixReport:
-    task_id: str
-    changes: dict[str, int]
-    summary: dict[str, int]
-    status: str
-    rebuilt: bool
-
-
-def fix_task(store, task: dict[str, Any]) -> FixReport:
-    """fix-progress for one task: per-file states and counters from what is on disk."""
-    tid = task["id"]
-    with store.lock(tid):
-        rebuilt = False
-        try:
-            tracker = FileTracker.load(store.paths(tid), tid)
-        except MetadataError:
-            tracker, rebuilt = FileTracker.rebuild(store.paths(tid), tid), True
-        # a batch task's other batches are on other disks: absent is expected there
-        changes = reconcile_with_disk(tracker, Path(task["local_dir"]),
-                                      missing_ok=task.get("kind") == "batch")
-        tracker.save()
-        summary = tracker.summary()
-        status = task.get("status")
-        if summary["files_done"] == summary["files_total"]:
-            status = "completed"
-        elif status in ("running", "completed"):
-            status = "paused"
-        store.update(tid, status=status, pid=None, **summary)
-    return FixReport(tid, changes, summary, status, rebuilt)

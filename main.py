@@ -519,7 +519,7 @@ def cmd_task_detail(args: argparse.Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
     rows = [{"filename": f.path, "expected_size": f.size, "lfs": f.lfs,
              "expected_hash": f.expected_hash, **tracker.status[f.path]} for f in tracker.files
             if args.files == "all" or tracker.status[f.path]["status"] == args.files]
@@ -572,7 +572,7 @@ def cmd_resume(args: argparse.Namespace, cfg) -> int:
     endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
     opts = download_options(args, cfg)
     with store.lock(task["id"]):
-        tracker = FileTracker.load(store.paths(task["id"]), task["id"])
+        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
         say(args, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
                   f"{tracker.meta['commit'][:12]} -> {task['local_dir']}")
         result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=dm.hub_token(),
@@ -613,7 +613,7 @@ def cmd_cancel(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, cfg) -> int:
-    import file_tracker as ft
+    import maintenance
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
@@ -622,8 +622,8 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
     if task.get("kind") == "batch" or args.batch:
         import batch_manager as bm
         paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
-    report = ft.verify_task(store, task, local_dir or Path(task["local_dir"]), paths=paths,
-                            quick=args.quick)
+    report = maintenance.verify_task(store, task, local_dir or Path(task["local_dir"]),
+                                     paths=paths, quick=args.quick)
     results, bad = report.results, report.bad
     if args.json:
         out_json({"task": task["id"], "ok": not bad, "checked": len(results),
@@ -642,7 +642,8 @@ def cmd_verify(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_clean(args: argparse.Namespace, cfg) -> int:
-    from task_manager import TaskStore, clean_tasks, normalize_id
+    from maintenance import clean_tasks
+    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     wanted = {normalize_id(t) for t in args.tasks}
     removed, running = clean_tasks(store, wanted, include_ended=args.all,
@@ -663,7 +664,7 @@ def cmd_clean(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
-    import file_tracker as ft
+    import maintenance
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     if not store.index_ok():
@@ -674,7 +675,7 @@ def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
         count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())
         out(f"rebuilt {dm.registry_path(cfg.metadata_dir)} with {count} repos from the tasks")
     for tid in [normalize_id(t) for t in args.tasks] or sorted(store.all()):
-        fix = ft.fix_task(store, store.get(tid))
+        fix = maintenance.fix_task(store, store.get(tid))
         if fix.rebuilt:
             out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
         changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)

@@ -28,15 +28,10 @@ ENDED = {TaskState.COMPLETED.value, TaskState.CANCELLED.value, TaskState.FAILED.
 
 @dataclass(frozen=True)
 class TaskPaths:
+    """The files of a task folder that task_manager owns (file_tracker and batch_manager name
+    their own files in the same folder)."""
+
     root: Path
-
-    @property
-    def file_list(self) -> Path:
-        return self.root / "file_list.json"
-
-    @property
-    def file_status(self) -> Path:
-        return self.root / "file_status.json"
 
     @property
     def metadata(self) -> Path:
@@ -53,10 +48,6 @@ class TaskPaths:
     @property
     def cancel_flag(self) -> Path:
         return self.root / "cancel-requested"
-
-    @property
-    def batch_plan(self) -> Path:
-        return self.root / "batch_plan.json"
 
 
 class TaskStore:
@@ -108,7 +99,7 @@ class TaskStore:
                     "created_at": stamp, "updated_at": stamp, **spec}
             data["tasks"][task_id] = task
             data["next_id"] = number + 1
-            self.paths(task_id).root.mkdir(parents=True, exist_ok=True)
+            self.folder(task_id).mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.index, data)
         self.write_metadata(task)
         return task
@@ -131,7 +122,7 @@ class TaskStore:
             data = self._read_index()
             data["tasks"].pop(task_id, None)
             write_json_atomic(self.index, data)
-        shutil.rmtree(self.paths(task_id).root, ignore_errors=True)
+        shutil.rmtree(self.folder(task_id), ignore_errors=True)
 
     def find(self, identity: dict[str, Any]) -> dict[str, Any] | None:
         """The newest task whose fields match every item of `identity`, if any."""
@@ -165,8 +156,12 @@ class TaskStore:
 
     # ------------------------------------------------------------ the task folder
 
+    def folder(self, task_id: str) -> Path:
+        """metadata/tasks/<id>/: the folder holding everything recorded about one task."""
+        return self.root / "tasks" / task_id
+
     def paths(self, task_id: str) -> TaskPaths:
-        return TaskPaths(self.root / "tasks" / task_id)
+        return TaskPaths(self.folder(task_id))
 
     def write_metadata(self, task: dict[str, Any]) -> None:
         write_json_atomic(self.paths(task["id"]).metadata,
@@ -227,40 +222,6 @@ class TaskStore:
     def clear_cancel(self, task_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.paths(task_id).cancel_flag.unlink()
-
-
-@dataclass(frozen=True)
-class Cleaned:
-    task_id: str
-    status: str
-    repo_id: str
-    files_deleted: int | None     # None: files kept
-    note: str = ""
-
-
-def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
-                delete_files: bool) -> tuple[list[Cleaned], list[str]]:
-    """Remove the records of finished tasks (and, if asked, their files).
-    Returns what was removed and the ids skipped because they are running."""
-    from file_tracker import FileTracker, delete_local_files
-    states = ENDED if include_ended else FINISHED
-    removed, running = [], []
-    for tid, task in sorted(store.all().items()):
-        if (wanted and tid not in wanted) or task.get("status") not in states:
-            continue
-        if store.is_locked(tid):
-            running.append(tid)
-            continue
-        deleted, note = None, ""
-        if delete_files:
-            try:
-                tracker = FileTracker.load(store.paths(tid), tid)
-                deleted = delete_local_files(tracker, Path(task["local_dir"]))
-            except MetadataError as exc:
-                note = f"files not deleted ({exc})"
-        store.remove(tid)
-        removed.append(Cleaned(tid, task.get("status", ""), task.get("repo_id", ""), deleted, note))
-    return removed, running
 
 
 _INDEX_HINT = ("run 'python main.py fix-progress' to rebuild it from the task folders "

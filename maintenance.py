@@ -1,0 +1,123 @@
+"""Whole-task maintenance: verify, fix-progress and clean, each under the task's lock.
+
+These operations need both the task record (task_manager) and the per-file state
+(file_tracker), so they live above both; neither of those modules imports this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from file_tracker import (CheckResult, FileTracker, apply_checks, check_files,
+                          delete_local_files, reconcile_with_disk)
+from task_manager import ENDED, FINISHED, TaskState, TaskStore
+from utils import MetadataError, TaskLockedError
+
+
+# ---------------------------------------------------------------- verify
+
+@dataclass(frozen=True)
+class VerifyReport:
+    results: list[CheckResult]
+    bad: list[CheckResult]
+
+
+def verify_task(store: TaskStore, task: dict[str, Any], local_dir: Path, *,
+                paths: list[str] | None = None, quick: bool = False) -> VerifyReport:
+    """verify: re-check files on disk; bad ones are marked so resume fetches them again."""
+    with store.lock(task["id"]):
+        task = store.get(task["id"])          # as it is now that nobody else can change it
+        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+        paths = [f.path for f in tracker.files] if paths is None else paths
+        results = check_files(tracker, local_dir, paths, quick=quick)
+        bad = apply_checks(tracker, local_dir, results)
+        tracker.save()
+        status = TaskState.FAILED.value if bad and task.get("status") == TaskState.COMPLETED.value \
+            else task.get("status")
+        store.update(task["id"], status=status,
+                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
+                     **tracker.summary())
+    return VerifyReport(results, bad)
+
+
+# ---------------------------------------------------------------- fix-progress
+
+@dataclass(frozen=True)
+class FixReport:
+    task_id: str
+    changes: dict[str, int]
+    summary: dict[str, int]
+    status: str
+    rebuilt: bool
+
+
+def fix_task(store: TaskStore, task: dict[str, Any]) -> FixReport:
+    """fix-progress for one task: per-file states and counters from what is on disk."""
+    tid = task["id"]
+    with store.lock(tid):
+        task = store.get(tid)
+        rebuilt = False
+        try:
+            tracker = FileTracker.load(store.folder(tid), tid)
+        except MetadataError:
+            tracker, rebuilt = FileTracker.rebuild(store.folder(tid), tid), True
+        # a batch task's other batches are on other disks: absent is expected there
+        changes = reconcile_with_disk(tracker, Path(task["local_dir"]),
+                                      missing_ok=task.get("kind") == "batch")
+        tracker.save()
+        summary = tracker.summary()
+        status = task.get("status")
+        if summary["files_done"] == summary["files_total"]:
+            status = TaskState.COMPLETED.value
+        elif status in (TaskState.RUNNING.value, TaskState.COMPLETED.value):
+            status = TaskState.PAUSED.value
+        store.update(tid, status=status, pid=None, **summary)
+    return FixReport(tid, changes, summary, status, rebuilt)
+
+
+# ---------------------------------------------------------------- clean
+
+@dataclass(frozen=True)
+class Cleaned:
+    task_id: str
+    status: str
+    repo_id: str
+    files_deleted: int | None     # None: files kept
+    note: str = ""
+
+
+def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
+                delete_files: bool) -> tuple[list[Cleaned], list[str]]:
+    """Remove the records of finished tasks (and, if asked, their files).
+    Returns what was removed and the ids skipped because they are running."""
+    states = ENDED if include_ended else FINISHED
+    removed, running = [], []
+    for tid, task in sorted(store.all().items()):
+        if (wanted and tid not in wanted) or task.get("status") not in states:
+            continue
+        try:
+            with store.lock(tid):
+                cleaned = _clean_one(store, tid, states, delete_files)
+        except TaskLockedError:
+            running.append(tid)
+            continue
+        if cleaned is not None:
+            removed.append(cleaned)
+    return removed, running
+
+
+def _clean_one(store: TaskStore, tid: str, states: set[str], delete_files: bool) -> Cleaned | None:
+    """Remove one task; call with its lock held. None if it started again meanwhile."""
+    task = store.all().get(tid)
+    if task is None or task.get("status") not in states:
+        return None
+    deleted, note = None, ""
+    if delete_files:
+        try:
+            tracker = FileTracker.load(store.folder(tid), tid)
+            deleted = delete_local_files(tracker, Path(task["local_dir"]))
+        except MetadataError as exc:
+            note = f"files not deleted ({exc})"
+    store.remove(tid)
+    return Cleaned(tid, task.get("status", ""), task.get("repo_id", ""), deleted, note)
