@@ -22,14 +22,21 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile, file_url
-from file_tracker import FileState, FileTracker
+from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
+                          forget_missing)
 from utils import (HFDError, ToolError, UsageError, format_duration, format_size, fsync_dir,
                    hash_file, new_hasher, partial_path, partial_sidecars, read_json, safe_join,
                    write_json_atomic)
+
+if TYPE_CHECKING:
+    import logging
+
+    from dataset_manager import Listing
+    from task_manager import TaskStore
 
 TOOLS = ("auto", "aria2c", "wget", "python")
 USER_AGENT = "hf-downloader/1.0"
@@ -1029,13 +1036,12 @@ def discard_partial(job: Job) -> None:
 def finish_file(job: Job, digest: str | None) -> None:
     """Check the partial against the listing, then give it its final name."""
     f = job.file
-    size = os.path.getsize(job.partial) if job.partial.exists() else -1
-    if size != f.size:
+    check = check_file(job.partial, f, digest=digest)
+    if check.verdict in ("missing", "size mismatch"):
+        size = -1 if check.size is None else check.size
         raise FetchError(f"size mismatch: {size} bytes, expected {f.size}", discard=size > f.size)
-    if digest is None:
-        digest = hash_file(job.partial, f.hash_kind, f.size)
-    if digest != f.expected_hash:
-        raise FetchError(f"{f.hash_kind} mismatch: got {digest[:12]}..., expected "
+    if check.verdict != "ok":
+        raise FetchError(f"{f.hash_kind} mismatch: got {str(check.digest)[:12]}..., expected "
                          f"{f.expected_hash[:12]}...", discard=True)
     with open(job.partial, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -1101,37 +1107,6 @@ def download_one(run: Run, f: RemoteFile) -> None:
 def _backoff(base: float, tries: int, stop: threading.Event) -> None:
     delay = min(60.0, base * 2 ** (tries - 1))
     stop.wait(delay * random.uniform(0.5, 1.5))
-
-
-def reconcile(tracker: FileTracker, local_dir: Path, files: Iterable[RemoteFile]) -> int:
-    """Files at their final path but not recorded as done (a crash between rename and save):
-    check them and record them. Returns how many were adopted."""
-    adopted = 0
-    for f in files:
-        entry = tracker.status[f.path]
-        if entry["status"] == FileState.COMPLETED.value:
-            continue
-        final = safe_join(local_dir, f.path)
-        if final.is_file() and final.stat().st_size == f.size and \
-                hash_file(final, f.hash_kind, f.size) == f.expected_hash:
-            tracker.complete(f.path, f.size)
-            adopted += 1
-    return adopted
-
-
-def forget_missing(tracker: FileTracker, local_dir: Path) -> int:
-    """Completed files deleted (or changed in size) by hand go back to pending."""
-    count = 0
-    root = str(local_dir)
-    for path in tracker.paths_in(FileState.COMPLETED):     # paths were checked on load
-        try:
-            ok = os.stat(os.path.join(root, path)).st_size == tracker.by_path[path].size
-        except (FileNotFoundError, NotADirectoryError):
-            ok = False
-        if not ok:
-            tracker.reset(path, "missing on disk")
-            count += 1
-    return count
 
 
 def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Path, endpoint: str,
@@ -1249,72 +1224,100 @@ def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -
     return needed
 
 
-def run_task(store, task: dict, tracker: FileTracker, *, endpoint: str, token: str | None,
-             opts: Options, reserve: int, log, stream: TextIO, quiet: bool = False,
-             todo: list[str] | None = None, local_dir: Path | None = None,
+@dataclass(frozen=True)
+class WorkList:
+    """What a run fetches, once the recorded states match the disk."""
+    todo: list[str]
+    adopted: int          # found complete at their final path: recorded without a download
+    missing: int          # recorded complete but gone from the disk: fetched again
+
+
+def plan_work(tracker: FileTracker, local_dir: Path, todo: list[str] | None) -> WorkList:
+    """The files to fetch: the unfinished ones (or those of `todo`), after adopting files found
+    complete on disk and, for a whole task, forgetting completed files that are gone."""
+    unfinished = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
+    if todo is not None:
+        wanted = set(todo)
+        unfinished = [p for p in unfinished if p in wanted]
+    adopted = adopt_finished(tracker, local_dir, unfinished)
+    missing = 0
+    if todo is None:
+        missing = forget_missing(tracker, local_dir)
+        todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
+    else:       # a batch: its other files live on other disks, absent is expected
+        todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
+    return WorkList(todo, adopted, missing)
+
+
+class TaskTicker:
+    """Runs between progress ticks: polls the cancel flag, and keeps the counters in tasks.json
+    fresh for `status` in another terminal (at most every `every` seconds, only on change)."""
+
+    def __init__(self, store: TaskStore, task_id: str, tracker: FileTracker, stopper: Stopper, *,
+                 every: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.task_id, self.tracker, self.stopper = store, task_id, tracker, stopper
+        self.every, self.clock = every, clock
+        self._last = clock()
+        self._summary = tracker.summary()
+
+    def __call__(self) -> None:
+        if self.store.cancel_requested(self.task_id):
+            self.stopper.stop("cancelled")
+        now = self.clock()
+        if now - self._last >= self.every:
+            summary = self.tracker.summary()
+            if summary != self._summary:
+                self.store.update(self.task_id, **summary)
+            self._last, self._summary = now, summary
+
+
+def run_task(store: TaskStore, task: dict, tracker: FileTracker, *, endpoint: str,
+             token: str | None, opts: Options, reserve: int, log: logging.Logger,
+             stream: TextIO, quiet: bool = False, todo: list[str] | None = None,
+             local_dir: Path | None = None,
              before_start: Callable[[], None] | None = None) -> RunResult:
-    """Run the unfinished files of a task (or of `todo` only) under its lock; record the outcome.
+    """Run the unfinished files of a task (or of `todo` only) and record the outcome.
+    Internal: its callers (download_repo, resume, batch_manager.run_batch) hold the task lock.
 
     `before_start` runs after the preflight, before the first byte (a batch writes its disk
     marker there)."""
     import system_monitor
     tool = choose_tool(opts.tool)
     local_dir = Path(local_dir or task["local_dir"])
-    unfinished = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
-    if todo is not None:
-        wanted = set(todo)
-        unfinished = [p for p in unfinished if p in wanted]
-    adopted = reconcile(tracker, local_dir, (tracker.by_path[p] for p in unfinished))
-    if adopted:
-        log.info("%s: %d files found complete on disk", task["id"], adopted)
-    if todo is None:
-        missing = forget_missing(tracker, local_dir)
-        if missing:
-            log.warning("%s: %d completed files are no longer on disk; fetching them again",
-                        task["id"], missing)
-        todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
-    else:
-        todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
-    for path in todo:           # a new run gives failed files a fresh set of tries
+    work = plan_work(tracker, local_dir, todo)
+    if work.adopted:
+        log.info("%s: %d files found complete on disk", task["id"], work.adopted)
+    if work.missing:
+        log.warning("%s: %d completed files are no longer on disk; fetching them again",
+                    task["id"], work.missing)
+    for path in work.todo:           # a new run gives failed files a fresh set of tries
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
     store.clear_cancel(task["id"])
-    if todo:
-        system_monitor.preflight(local_dir, needed=bytes_still_needed(tracker, local_dir, todo),
-                                 reserve=reserve)
+    if work.todo:
+        system_monitor.preflight(local_dir, reserve=reserve,
+                                 needed=bytes_still_needed(tracker, local_dir, work.todo))
     if before_start:
         before_start()
     stopper = Stopper()
     store.update(task["id"], status="running", reason="", tool=tool, pid=os.getpid(),
                  endpoint=endpoint, **tracker.summary())
     log.info("%s: %s %s@%s, %d files to fetch with %s (-x %d -j %d)", task["id"],
-             task["repo_type"], task["repo_id"], tracker.meta["commit"], len(todo), tool,
+             task["repo_type"], task["repo_id"], tracker.meta["commit"], len(work.todo), tool,
              opts.connections, opts.jobs)
 
-    last_summary = [time.monotonic(), tracker.summary()]
-
-    def on_tick() -> None:
-        if store.cancel_requested(task["id"]):
-            stopper.stop("cancelled")
-        # `status` from another terminal reads tasks.json: keep its counters fresh (every 5 s)
-        now = time.monotonic()
-        if now - last_summary[0] >= 5:
-            summary = tracker.summary()
-            if summary != last_summary[1]:
-                store.update(task["id"], **summary)
-            last_summary[:] = [now, summary]
-
-    def on_low(usage) -> None:
+    def on_low(usage: system_monitor.DiskUsage) -> None:
         stopper.stop("disk_full", f"{format_size(usage.free)} free, "
                                   f"{format_size(reserve)} kept in reserve")
 
     result = RunResult(status="completed", tool=tool)
     with stop_signals(stopper), system_monitor.DiskGuard(local_dir, reserve, interval=2.0,
                                                          on_low=on_low):
-        if todo:
-            result = run_downloads(tracker, todo, local_dir=local_dir, endpoint=endpoint,
+        if work.todo:
+            result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
-                                   stream=stream, quiet=quiet, on_tick=on_tick)
+                                   stream=stream, quiet=quiet,
+                                   on_tick=TaskTicker(store, task["id"], tracker, stopper))
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
@@ -1375,9 +1378,11 @@ class DownloadOutcome:
     resumed: bool = False
 
 
-def open_task(store, req: DownloadRequest, listing, endpoint: str):
+def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
+              endpoint: str) -> tuple[dict, FileTracker, SyncReport | None]:
     """Find the task of the same download (resume it, syncing to a new commit) or create one.
-    Call with the task lock held for an existing task; returns (task, tracker, sync report)."""
+    Internal to download_repo, which holds the lock of an existing task around it;
+    returns (task, tracker, sync report)."""
     existing = store.find(req.identity())
     if existing is None:
         task = store.create({**req.identity(), "commit": listing.commit,
@@ -1434,9 +1439,9 @@ def _needed_for_new(local_dir: Path, listing) -> int:
     return needed
 
 
-def download_repo(store, req: DownloadRequest, listing, *, endpoint: str, token: str | None,
-                  opts: Options, reserve: int, log, stream: TextIO,
-                  quiet: bool = False) -> DownloadOutcome:
+def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, endpoint: str,
+                  token: str | None, opts: Options, reserve: int, log: logging.Logger,
+                  stream: TextIO, quiet: bool = False) -> DownloadOutcome:
     """`download REPO`: find or create the task, take its lock, sync, run."""
     existing = store.find(req.identity())
     if existing is None:

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dataset_manager import Listing, RemoteFile, file_url
-from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, read_json, safe_relpath,
-                   write_json_atomic)
+from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, partial_path,
+                   partial_sidecars, read_json, safe_join, safe_relpath, write_json_atomic)
 
 
 class FileState(str, enum.Enum):
@@ -39,6 +40,8 @@ class CheckResult:
     path: str
     verdict: str          # ok | missing | size mismatch | hash mismatch
     detail: str = ""
+    size: int | None = None       # bytes on disk (None: missing)
+    digest: str | None = None     # the content hash found (hash mismatch only)
 
 
 FILE_LIST = "file_list.json"       # the task's files, written when the listing changes
@@ -57,6 +60,7 @@ class FileTracker:
         self.status = status
         self.meta = meta                      # repo_id, repo_type, commit
         self.min_interval = 1.0
+        self.clock: Callable[[], float] = time.monotonic     # a parameter, so tests need no sleep
         self._lock = threading.RLock()
         self._dirty = False
         self._last_save = 0.0
@@ -181,7 +185,7 @@ class FileTracker:
 
     def maybe_save(self) -> None:
         """Save if something changed and the last save is old enough (coalescing)."""
-        if self._dirty and time.monotonic() - self._last_save >= self.min_interval:
+        if self._dirty and self.clock() - self._last_save >= self.min_interval:
             self.save()
 
     def flush(self) -> None:
@@ -191,13 +195,13 @@ class FileTracker:
 
     def save(self) -> None:
         with self._lock:
-            started = time.monotonic()
+            started = self.clock()
             data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
                     "commit": self.meta["commit"], "updated_at": now_iso(),
                     "counts": dict(self.counts), "files": self.status}
             write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
             self._dirty = False
-            self._last_save = time.monotonic()
+            self._last_save = self.clock()
             # A big status file must not eat the run: save at most ~5% of the time.
             self.min_interval = max(1.0, 20 * (self._last_save - started))
 
@@ -258,28 +262,35 @@ def _new_status(f: RemoteFile) -> dict[str, Any]:
 _STATES = {s.value for s in FileState}
 
 
-def check_file(path: Path, f: RemoteFile, *, quick: bool = False) -> CheckResult:
-    """Check one file on disk against the listing: size always, the content hash unless quick."""
+# ---------------------------------------------------------------- the disk, the truth
+
+def check_file(path: Path, f: RemoteFile, *, digest: str | None = None,
+               quick: bool = False) -> CheckResult:
+    """Check one file on disk against the listing: size always, the content hash unless quick.
+    `digest` is the hash already computed while the bytes streamed in (saves reading them again)."""
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
         return CheckResult(f.path, "missing")
     if size != f.size:
-        return CheckResult(f.path, "size mismatch", f"{size} bytes, expected {f.size}")
+        return CheckResult(f.path, "size mismatch", f"{size} bytes, expected {f.size}", size)
     if quick:
-        return CheckResult(f.path, "ok")
-    digest = hash_file(path, f.hash_kind, f.size)
+        return CheckResult(f.path, "ok", size=size)
+    if digest is None:
+        digest = hash_file(path, f.hash_kind, f.size)
     if digest != f.expected_hash:
-        return CheckResult(f.path, "hash mismatch", f"{f.hash_kind} {digest}, expected {f.expected_hash}")
-    return CheckResult(f.path, "ok")
+        return CheckResult(f.path, "hash mismatch",
+                           f"{f.hash_kind} {digest}, expected {f.expected_hash}", size, digest)
+    return CheckResult(f.path, "ok", size=size)
 
 
 def check_files(tracker: FileTracker, local_dir: Path, paths: Iterable[str], *, quick: bool = False,
                 workers: int | None = None) -> list[CheckResult]:
     """Check many files, hashing in a thread pool (hashlib releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
-    from utils import safe_join
     paths = list(paths)
+    if not paths:
+        return []
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: check_file(safe_join(local_dir, p), tracker.by_path[p],
@@ -290,7 +301,6 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
                  missing_ok: bool = False) -> list[CheckResult]:
     """Record check results: ok files completed, bad ones failed (and taken off their final
     name, so resume fetches them again), missing ones pending. Returns the bad ones."""
-    from utils import safe_join
     bad = []
     for r in results:
         f = tracker.by_path[r.path]
@@ -303,8 +313,7 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
                 continue
             tracker.reset(r.path, "missing on disk")
         else:
-            final = safe_join(local_dir, r.path)
-            _take_off_final_name(final, f, r)
+            _take_off_final_name(safe_join(local_dir, r.path), f, r)
             tracker.set_state(r.path, FileState.FAILED, error=f"{r.verdict}: {r.detail}",
                               actual_size=0, completed_at=None)
         bad.append(r)
@@ -313,7 +322,6 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
 
 def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
     """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
-    from utils import partial_path
     partial = partial_path(final, f.expected_hash)
     try:
         if r.verdict == "size mismatch" and final.stat().st_size < f.size:
@@ -324,28 +332,69 @@ def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class DiskScan:
+    """Where the recorded states and the final paths disagree (sizes only: nothing is read)."""
+    unrecorded: list[str]     # not recorded as completed, yet a file is at its final path
+    vanished: list[str]       # recorded as completed, no file at its final path
+    resized: list[str]        # recorded as completed, the file there has another size
+
+
+def scan_disk(tracker: FileTracker, local_dir: Path,
+              paths: Iterable[str] | None = None) -> DiskScan:
+    """Compare the states of `paths` (default: all files) with their final paths on disk."""
+    root = str(local_dir)
+    unrecorded, vanished, resized = [], [], []
+    for path in (tracker.by_path if paths is None else paths):
+        done = tracker.status[path]["status"] == FileState.COMPLETED.value
+        try:      # a plain join: the names were validated when the listing was read
+            st = os.stat(os.path.join(root, path))
+            size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        except (FileNotFoundError, NotADirectoryError):
+            size = None
+        if not done and size is not None:
+            unrecorded.append(path)
+        elif done and size is None:
+            vanished.append(path)
+        elif done and size != tracker.by_path[path].size:
+            resized.append(path)
+    return DiskScan(unrecorded, vanished, resized)
+
+
+def adopt_finished(tracker: FileTracker, local_dir: Path, paths: Iterable[str]) -> int:
+    """Files at their final path but not recorded as done (a crash between rename and save):
+    check them (size and hash) and record the good ones. Returns how many were adopted.
+    Bad ones are left alone: the download that follows replaces them."""
+    scan = scan_disk(tracker, local_dir, paths)
+    good = [r for r in check_files(tracker, local_dir, scan.unrecorded) if r.verdict == "ok"]
+    apply_checks(tracker, local_dir, good)
+    return len(good)
+
+
+def forget_missing(tracker: FileTracker, local_dir: Path) -> int:
+    """Completed files deleted (or changed in size) by hand go back to pending (sizes only)."""
+    scan = scan_disk(tracker, local_dir, tracker.paths_in(FileState.COMPLETED))
+    for path in scan.vanished + scan.resized:
+        tracker.reset(path, "missing on disk")
+    return len(scan.vanished) + len(scan.resized)
+
+
 def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
                         missing_ok: bool = False) -> dict[str, int]:
-    """fix-progress: make every file's state match the disk; returns counts of changes."""
-    from utils import safe_join
+    """fix-progress: make every file's state match the disk; returns counts of changes.
+    Unlike a run, files of the wrong size or hash are taken off their final name and failed."""
     changes = {"now_completed": 0, "now_pending": 0, "now_failed": 0}
-    to_check = []
-    for f in tracker.files:
-        state = tracker.status[f.path]["status"]
-        final = safe_join(local_dir, f.path)
-        exists = final.is_file()
-        if state == FileState.COMPLETED.value and not exists:
-            if not missing_ok:
-                tracker.reset(f.path, "missing on disk")
-                changes["now_pending"] += 1
-        elif state != FileState.COMPLETED.value and exists:
-            to_check.append(f.path)
-        elif state == FileState.COMPLETED.value and final.stat().st_size != f.size:
-            to_check.append(f.path)
-        elif state == FileState.DOWNLOADING.value:
-            tracker.set_state(f.path, FileState.PENDING)
+    scan = scan_disk(tracker, local_dir)
+    if not missing_ok:
+        for path in scan.vanished:
+            tracker.reset(path, "missing on disk")
             changes["now_pending"] += 1
-    for r in check_files(tracker, local_dir, to_check):
+    on_disk = set(scan.unrecorded)
+    for path in tracker.paths_in(FileState.DOWNLOADING):   # no process is downloading it now
+        if path not in on_disk:
+            tracker.set_state(path, FileState.PENDING)
+            changes["now_pending"] += 1
+    for r in check_files(tracker, local_dir, scan.unrecorded + scan.resized):
         before = tracker.status[r.path]["status"]
         apply_checks(tracker, local_dir, [r], missing_ok=missing_ok)
         after = tracker.status[r.path]["status"]
@@ -357,7 +406,6 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
 
 def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
     """Remove the task's files (and partials) from disk, then the folders left empty."""
-    from utils import partial_path, partial_sidecars, safe_join
     removed = 0
     folders = set()
     for f in tracker.files:

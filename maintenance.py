@@ -67,7 +67,7 @@ def fix_task(store: TaskStore, task: dict[str, Any]) -> FixReport:
                                       missing_ok=task.get("kind") == "batch")
         tracker.save()
         summary = tracker.summary()
-        status = task.get("status")
+        status = str(task.get("status"))
         if summary["files_done"] == summary["files_total"]:
             status = TaskState.COMPLETED.value
         elif status in (TaskState.RUNNING.value, TaskState.COMPLETED.value):
