@@ -2,6 +2,9 @@
 
 file_list.json is written when the listing changes; file_status.json is saved on changes,
 coalesced (at most every `min_interval` seconds, and at the end), never per chunk.
+The disk is the truth: checking a file (size, hash) and making the states match the disk
+live here and nowhere else. The task folder comes from the caller (task_manager.TaskStore.folder);
+this module does not import task_manager.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """file_tracker in-process: transitions, counters, coalesced saves, sync, and the disk checks."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -243,3 +244,21 @@ def test_delete_local_files_removes_only_the_tasks_files(tmp_path: Path,
     assert ft.delete_local_files(tracker, local) == 2
     assert keep.exists() and not (local / "sub/deep").exists() and not partial.exists()
     assert sorted(p.name for p in local.rglob("*")) == ["mine.txt", "sub"]
+
+
+def imported_modules(module: object) -> set[str]:
+    """Every module a source file imports, at its top or inside functions."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_task_state_and_file_state_do_not_import_each_other() -> None:
+    import task_manager
+    assert "task_manager" not in imported_modules(ft)
+    assert "file_tracker" not in imported_modules(task_manager)
