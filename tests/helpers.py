@@ -72,6 +72,14 @@ class Cli:
         return self.root / "metadata"
 
 
+def error_lines(r: Result) -> list[str]:
+    """The `error:` lines; exactly one, and no traceback anywhere."""
+    assert "Traceback" not in r.text, r.text
+    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.err
+    return lines
+
+
 def clean_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
     """The caller's environment without proxies or settings of ours or huggingface_hub's."""
     env = {k: v for k, v in os.environ.items()
@@ -90,6 +98,11 @@ def clean_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def size_of(data: bytes | Content) -> int:
+    """The size of a repo file as given to `FakeHub.add_repo`."""
+    return data.size if isinstance(data, Content) else len(data)
 
 
 def tree_files(root: Path) -> dict[str, Path]:

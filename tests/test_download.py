@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import Content, content_bytes, content_sha256
-from tests.helpers import ROOT, TOOLS, assert_same_tree, tree_files
+from tests.helpers import ROOT, TOOLS, assert_same_tree, error_lines, tree_files
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 
@@ -176,12 +176,6 @@ def test_gated_repo_token_stays_home(cli, hub, tool):
                 assert TOKEN not in p.read_text(errors="replace"), p
 
 
-def one_error_line(r) -> None:
-    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    assert "Traceback" not in r.text
-
-
 @pytest.mark.parametrize("args,code,needle", [
     (["download", "nobody/nothing"], 1, "not found"),
     (["download", "gpt2", "--revision", "v9"], 1, "revision 'v9' not found"),
@@ -197,13 +191,13 @@ def test_user_errors_get_one_line(cli, hub, args, code, needle):
     r = cli(*args)
     assert r.code == code, r.text
     assert needle in r.err
-    one_error_line(r)
+    error_lines(r)
 
 
 def test_unreachable_endpoint(cli, hub):
     r = cli("download", "gpt2", "--endpoint", "http://127.0.0.1:9")
     assert r.code == 1 and "cannot reach http://127.0.0.1:9" in r.err
-    one_error_line(r)
+    error_lines(r)
 
 
 def test_missing_tool_is_reported(cli, hub, tmp_path):

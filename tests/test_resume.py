@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import Content
-from tests.helpers import TOOLS, assert_same_tree, tool_processes, tree_files, wait_for
+from tests.helpers import TOOLS, assert_same_tree, size_of, tool_processes, tree_files, wait_for
 
 TOTAL_FILES = {
     "a.bin": Content(2_400_000, 31),
@@ -19,7 +19,7 @@ TOTAL_FILES = {
     "config.json": b'{"x": 1}',
     "notes.txt": b"n" * 5000,
 }
-TOTAL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in TOTAL_FILES.values())
+TOTAL_BYTES = sum(map(size_of, TOTAL_FILES.values()))
 KILL_FILES = {
     "a.bin": Content(9_600_000, 31),
     "sub/b.safetensors": Content(8_000_000, 32),
@@ -27,7 +27,7 @@ KILL_FILES = {
     "config.json": b'{"x": 1}',
     "notes.txt": b"n" * 5000,
 }
-KILL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in KILL_FILES.values())
+KILL_BYTES = sum(map(size_of, KILL_FILES.values()))
 
 
 def disk_bytes(folder: Path) -> int:
@@ -64,8 +64,7 @@ def test_kill9_then_resume_is_byte_identical(cli, hub, tool, fraction):
     assert wait_for(lambda: not tool_processes(str(cli.root)), 5), tool_processes(str(cli.root))
     for path, p in tree_files(target).items():
         if not path.endswith((".incomplete", ".aria2", ".parts", ".log")):
-            d = KILL_FILES[path]
-            assert p.stat().st_size == (d.size if isinstance(d, Content) else len(d)), path
+            assert p.stat().st_size == size_of(KILL_FILES[path]), path
     json_files_ok(cli.metadata)
     assert "interrupted" in cli("status", "task_001").out
     first = hub.bytes_served()

@@ -31,7 +31,9 @@ from tests.helpers import (
     Cli,
     Result,
     assert_same_tree,
+    error_lines,
     sha256_file,
+    size_of,
     tmpfs,
     tool_processes,
     tree_files,
@@ -120,10 +122,6 @@ def partial_bytes(folder: Path) -> int:
     return sum(partials(folder).values())
 
 
-def size_of(data: bytes | Content) -> int:
-    return data.size if isinstance(data, Content) else len(data)
-
-
 def complete_files(folder: Path, files: dict) -> set[str]:
     """The files at their final names; each must be a repo file with its exact size and sha256.
     Sidecars (.incomplete, .aria2, .parts, .log) are allowed; anything else is a defect."""
@@ -156,14 +154,6 @@ def wait_for_partials(proc: subprocess.Popen, target: Path, nbytes: int) -> None
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"the download did not get going (exit {proc.returncode}):\n{out}{err}")
-
-
-def error_lines(r: Result) -> list[str]:
-    """The `error:` lines; exactly one, and no traceback anywhere."""
-    assert "Traceback" not in r.text, r.text
-    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    return lines
 
 
 def status_of(cli: Cli, task: str = "task_001") -> dict:
