@@ -4,7 +4,6 @@ Also the checks every run must pass (byte-identical files) and the environment e
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from tests.helpers import DATA_DIRS, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY = 0.05
@@ -129,7 +130,8 @@ def tail(path: Path, lines: int = 8) -> str:
 def base_env(endpoint: str, hf_home: Path) -> dict[str, str]:
     """No proxy, no token, no setting of ours or of huggingface_hub from the outside."""
     env = {k: v for k, v in os.environ.items()
-           if not k.upper().endswith("_PROXY") and not k.startswith(("HF_", "HFDL_"))}
+           if not k.upper().endswith("_PROXY") and not k.startswith(("HF_", "HFDL_"))
+           and k not in DATA_DIRS}
     env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"})
     return env
@@ -152,11 +154,6 @@ def hf_executable() -> str:
 
 
 # ---------------------------------------------------------------- checking the bytes
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def check_tree(root: Path, expected: dict[str, str], ignore: tuple[str, ...] = ()) -> str | None:
     """None when `root` holds exactly the expected files (path -> sha256), else what is wrong.

@@ -1,8 +1,10 @@
 """Benchmark: this tool (aria2c, wget, python backends) against `hf download`, on a fake Hub.
 
-    python bench/run.py                         # every scenario, full size (several minutes)
-    python bench/run.py --quick                 # 1/16 sizes and counts (under a minute)
-    python bench/run.py --scenario one-big many-small --repeat 3 --json-out /tmp/r.json
+    python -m bench.run                         # every scenario, full size (several minutes)
+    python -m bench.run --quick                 # 1/16 sizes and counts (under a minute)
+    python -m bench.run --scenario one-big many-small --repeat 3 --json-out /tmp/r.json
+
+Run from the repo root, so that `bench.*`, `tests.fakehub` and the tool's modules import by name.
 
 Prints a table (median wall time, MB/s, peak RSS of the process tree, x faster than hf, the
 known limit) and each target with PASS/FAIL; writes the same as JSON. Exits 1 when a run
@@ -21,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scenarios import SCENARIOS, Bench, FakeHub, Row
+from bench.scenarios import SCENARIOS, Bench, FakeHub, Row
 
 HERE = Path(__file__).resolve().parent
 # --quick: sizes shrink more than counts, so the single-connection peer runs stay short.

@@ -11,7 +11,6 @@ import random
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from measure import (
-    ROOT,
+from bench.measure import (
     Measured,
     base_env,
     check_tree,
@@ -29,10 +27,7 @@ from measure import (
     tail,
     tool_argv,
 )
-
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from fakehub import Content, FakeHub, FileData
+from tests.fakehub import Content, FakeHub, FileData
 
 MB = 10**6
 MiB = 1 << 20

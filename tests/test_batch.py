@@ -2,31 +2,15 @@
 batch-continue, batch-status and verify --batch, on real swapped tmpfs "disks"."""
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import subprocess
 import time
 from pathlib import Path
 
-
-from conftest import sha256_file, tree_files
-from fakehub import Content, Virtual, content_sha256
+from tests.fakehub import Content, Virtual, content_sha256
+from tests.helpers import sha256_file, tmpfs, tree_files
 
 MARKER = ".hf-downloader-batch.json"
-
-
-@contextlib.contextmanager
-def disk(path: Path, size: str):
-    """A real small filesystem at `path` (tmpfs; CI runs as root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, f"cannot mount a tmpfs (root needed): {done.stderr.strip()}"
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def dataset_files() -> dict:
@@ -57,9 +41,7 @@ def check_disk(folder: Path, files: dict, paths: list[str]) -> None:
     got = {p: f for p, f in tree_files(folder).items() if p != MARKER}
     assert sorted(got) == sorted(paths)
     for p in paths:
-        d = files[p]
-        want = content_sha256(d) if isinstance(d, Content) else __import__("hashlib").sha256(d).hexdigest()
-        assert sha256_file(got[p]) == want, p
+        assert sha256_file(got[p]) == content_sha256(files[p]), p
 
 
 def test_plan_and_analyze_a_30tb_listing_in_seconds(cli, hub):
@@ -135,7 +117,7 @@ def test_batches_across_swapped_disks(cli, hub, tmp_path):
     batches = [b["paths"] for b in plan["batches"]]
     assert len(batches) == 3 and not any(b["oversize"] for b in plan["batches"])
     hub.reset_log()
-    with disk(mount, "4M"):                                     # disk A
+    with tmpfs(mount, "4M"):                                     # disk A
         r = cli("batch-download", "org/big", *common, "--local-dir", str(mount), "--tool", "aria2c")
         assert r.code == 0, r.text
         assert "reusing the plan of task_001" in r.err
@@ -146,7 +128,7 @@ def test_batches_across_swapped_disks(cli, hub, tmp_path):
         rows = json.loads(cli("batch-status", "task_001", "--json").out)["batches"]
         assert [r_["state"] for r_ in rows] == ["completed", "pending", "pending"]
         assert rows[0]["disk_present"] and rows[0]["disk_id"] == disk_a
-    with disk(mount, "4M"):                                     # disk B, empty, same path
+    with tmpfs(mount, "4M"):                                     # disk B, empty, same path
         rows = json.loads(cli("batch-status", "task_001", "--json").out)["batches"]
         assert rows[0]["state"] == "completed" and not rows[0]["disk_present"]
         r = cli("verify", "task_001", "--batch", "1")          # the wrong disk is refused
@@ -161,7 +143,7 @@ def test_batches_across_swapped_disks(cli, hub, tmp_path):
         rows = json.loads(cli("batch-status", "task_001", "--json").out)["batches"]
         assert [r_["state"] for r_ in rows] == ["completed", "completed", "pending"]
         assert rows[1]["disk_present"] and rows[1]["disk_id"] != disk_a
-    with disk(mount, "4M"):                                     # disk C
+    with tmpfs(mount, "4M"):                                     # disk C
         r = cli("batch-continue", "task_001", "3", "--tool", "python")
         assert r.code == 0, r.text
         check_disk(mount, files, batches[2])
@@ -179,12 +161,12 @@ def test_batch_continue_refuses_a_small_disk_and_warns_about_gaps(cli, hub, tmp_
     r = cli("plan-batch", "org/big", "--dataset", "--available-space", "3500K", "--local-dir",
             str(mount))
     assert r.code == 0, r.text
-    with disk(mount, "2M"):
+    with tmpfs(mount, "2M"):
         r = cli("batch-continue", "task_001", "2")
         assert r.code == 4, r.text
         assert "not enough space" in r.err
         assert not any(mount.iterdir())                  # refused before creating any file
-    with disk(mount, "4M"):
+    with tmpfs(mount, "4M"):
         r = cli("batch-continue", "task_001", "2")
         assert r.code == 0, r.text
         assert "batch 1 is not complete" in r.err
@@ -196,7 +178,7 @@ def test_interrupted_batch_resumes(cli, hub, tmp_path):
     files = dataset_files()
     hub.add_repo("org/big", files, repo_type="dataset")
     mount = tmp_path / "disk"
-    with disk(mount, "4M"):
+    with tmpfs(mount, "4M"):
         hub.bandwidth_per_conn = 800_000
         proc = cli.popen("batch-download", "org/big", "--dataset", "--available-space", "3500K",
                          "--local-dir", str(mount), "--tool", "python")

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import batch_manager as bm  # noqa: E402
-from utils import MetadataError, UsageError  # noqa: E402
+import batch_manager as bm
+from utils import MetadataError, UsageError
 
 KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 MIB, GIB = 2**20, 2**30

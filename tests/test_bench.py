@@ -1,4 +1,4 @@
-"""Smoke test of bench/run.py: a quick run works end to end and every run's bytes are right.
+"""Smoke test of `python -m bench.run`: a quick run works end to end and every run's bytes are right.
 
 Speed targets are never asserted here (timings on a shared CI machine mean nothing); only that
 the benchmark runs, writes its JSON, and that no client produced wrong files.
@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_quick_bench_runs_and_checks_bytes(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--scenario",
+    # run as documented, from the repo root (each run's folders are temporary ones of its own)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenario",
                            "one-big", "many-small", "startup", "--json-out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     result = json.loads(out.read_text())

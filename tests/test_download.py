@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOOLS, sha256_file, tree_files
-from fakehub import Content, content_bytes, content_sha256
+from tests.fakehub import Content, content_bytes, content_sha256
+from tests.helpers import ROOT, TOOLS, assert_same_tree, error_lines, tree_files
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 
@@ -27,19 +27,6 @@ def model_files() -> dict:
         "deep/er/still/weights-ü.bin": Content(700_000, 3),     # unicode, nested
         "empty.txt": b"",
     }
-
-
-def expected_hashes(files: dict) -> dict[str, str]:
-    return {p: content_sha256(d) if isinstance(d, Content) else
-            __import__("hashlib").sha256(d).hexdigest() for p, d in files.items()}
-
-
-def assert_same_tree(folder: Path, files: dict) -> None:
-    got = tree_files(folder)
-    assert sorted(got) == sorted(files), sorted(got)
-    want = expected_hashes(files)
-    for path, p in got.items():
-        assert sha256_file(p) == want[path], path
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -189,12 +176,6 @@ def test_gated_repo_token_stays_home(cli, hub, tool):
                 assert TOKEN not in p.read_text(errors="replace"), p
 
 
-def one_error_line(r) -> None:
-    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    assert "Traceback" not in r.text
-
-
 @pytest.mark.parametrize("args,code,needle", [
     (["download", "nobody/nothing"], 1, "not found"),
     (["download", "gpt2", "--revision", "v9"], 1, "revision 'v9' not found"),
@@ -210,13 +191,13 @@ def test_user_errors_get_one_line(cli, hub, args, code, needle):
     r = cli(*args)
     assert r.code == code, r.text
     assert needle in r.err
-    one_error_line(r)
+    error_lines(r)
 
 
 def test_unreachable_endpoint(cli, hub):
     r = cli("download", "gpt2", "--endpoint", "http://127.0.0.1:9")
     assert r.code == 1 and "cannot reach http://127.0.0.1:9" in r.err
-    one_error_line(r)
+    error_lines(r)
 
 
 def test_missing_tool_is_reported(cli, hub, tmp_path):
@@ -327,7 +308,7 @@ def test_progress_bar_on_a_terminal(cli, hub):
     hub.add_repo("slow", {"a.bin": Content(1_200_000, 4)})
     hub.bandwidth_per_conn = 1_000_000
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent.parent / "main.py"),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"),
                              "download", "slow", "--tool", "python"], cwd=cli.root, env=cli.env,
                             stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)

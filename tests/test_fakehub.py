@@ -17,9 +17,7 @@ import http.client
 import math
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,8 +34,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fakehub import BLOCK, Content, FakeHub, Virtual, content_bytes, content_read, content_sha256, demo_hub, lfs_pointer
+from tests.fakehub import BLOCK, Content, FakeHub, Virtual, content_bytes, content_read, content_sha256, demo_hub, lfs_pointer
+from tests.helpers import sha256_file
 
 MODEL = "org/model"
 GATED = "org/gated"
@@ -63,24 +61,20 @@ def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as h:
-        h.add_repo(MODEL, model_files())
-        h.add_repo(GATED, {"config.json": CONFIG, "weights.bin": Content(2048, seed=3)}, gated=True)
-        h.add_repo(PRIVATE, {"config.json": CONFIG}, private=True)
-        h.add_repo(DOLLY, {"databricks-dolly-15k.jsonl": b'{"instruction": "hi"}\n' * 100}, repo_type="dataset")
-        h.add_token("hf_alice", user="alice", access="*")
-        h.add_token("hf_bob", user="bob", access=set())
-        yield h
+def hub(hub: FakeHub) -> FakeHub:
+    """conftest's empty hub, with this module's repos and tokens."""
+    hub.add_repo(MODEL, model_files())
+    hub.add_repo(GATED, {"config.json": CONFIG, "weights.bin": Content(2048, seed=3)}, gated=True)
+    hub.add_repo(PRIVATE, {"config.json": CONFIG}, private=True)
+    hub.add_repo(DOLLY, {"databricks-dolly-15k.jsonl": b'{"instruction": "hi"}\n' * 100}, repo_type="dataset")
+    hub.add_token("hf_alice", user="alice", access="*")
+    hub.add_token("hf_bob", user="bob", access=set())
+    return hub
 
 
 @pytest.fixture
 def api(hub: FakeHub) -> HfApi:
     return HfApi(endpoint=hub.url, token=False)
-
-
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def resolve_url(hub: FakeHub, path: str, repo: str = MODEL) -> str:

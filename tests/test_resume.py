@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOOLS, sha256_file, tree_files
-from fakehub import Content, content_sha256
+from tests.fakehub import Content
+from tests.helpers import TOOLS, assert_same_tree, size_of, tool_processes, tree_files, wait_for
 
 TOTAL_FILES = {
     "a.bin": Content(2_400_000, 31),
@@ -19,7 +19,7 @@ TOTAL_FILES = {
     "config.json": b'{"x": 1}',
     "notes.txt": b"n" * 5000,
 }
-TOTAL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in TOTAL_FILES.values())
+TOTAL_BYTES = sum(map(size_of, TOTAL_FILES.values()))
 KILL_FILES = {
     "a.bin": Content(9_600_000, 31),
     "sub/b.safetensors": Content(8_000_000, 32),
@@ -27,41 +27,7 @@ KILL_FILES = {
     "config.json": b'{"x": 1}',
     "notes.txt": b"n" * 5000,
 }
-KILL_BYTES = sum(d.size if isinstance(d, Content) else len(d) for d in KILL_FILES.values())
-
-
-def check_tree(folder: Path, files: dict) -> None:
-    got = tree_files(folder)
-    assert sorted(got) == sorted(files), sorted(got)
-    for path, p in got.items():
-        d = files[path]
-        want = content_sha256(d) if isinstance(d, Content) else __import__("hashlib").sha256(d).hexdigest()
-        assert sha256_file(p) == want, path
-
-
-def tool_processes(marker: str) -> list[str]:
-    """Command lines of live aria2c/wget processes (ours carry `marker`: the tmp path or pid)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        except OSError:
-            continue
-        if cmd.startswith(("aria2c", "wget")) and marker in cmd and state != "Z":
-            found.append(cmd)
-    return found
-
-
-def wait_for(pred, timeout: float = 20.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
+KILL_BYTES = sum(map(size_of, KILL_FILES.values()))
 
 
 def disk_bytes(folder: Path) -> int:
@@ -98,8 +64,7 @@ def test_kill9_then_resume_is_byte_identical(cli, hub, tool, fraction):
     assert wait_for(lambda: not tool_processes(str(cli.root)), 5), tool_processes(str(cli.root))
     for path, p in tree_files(target).items():
         if not path.endswith((".incomplete", ".aria2", ".parts", ".log")):
-            d = KILL_FILES[path]
-            assert p.stat().st_size == (d.size if isinstance(d, Content) else len(d)), path
+            assert p.stat().st_size == size_of(KILL_FILES[path]), path
     json_files_ok(cli.metadata)
     assert "interrupted" in cli("status", "task_001").out
     first = hub.bytes_served()
@@ -108,7 +73,7 @@ def test_kill9_then_resume_is_byte_identical(cli, hub, tool, fraction):
     hub.bandwidth_per_conn = 12_000_000
     r = cli("resume", "task_001", "--tool", tool)
     assert r.code == 0, r.text
-    check_tree(target, KILL_FILES)
+    assert_same_tree(target, KILL_FILES)
     second = hub.bytes_served() - first
     # resume continued from the partial bytes instead of starting over
     assert first + second < 2 * KILL_BYTES, (first, second)
@@ -137,7 +102,7 @@ def test_cancel_from_another_process(cli, hub, tool):
     hub.bandwidth_per_conn = 3_000_000
     r = cli("resume", "task_001")
     assert r.code == 0, r.text
-    check_tree(cli.downloads / "org--model", TOTAL_FILES)
+    assert_same_tree(cli.downloads / "org--model", TOTAL_FILES)
     assert hub.bytes_served() - served < TOTAL_BYTES
 
 
@@ -162,7 +127,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(cli, hub, sig, code):
     assert st["status"] == "paused"
     hub.bandwidth_per_conn = None
     assert cli("resume", "task_001").code == 0
-    check_tree(cli.downloads / "org--model", TOTAL_FILES)
+    assert_same_tree(cli.downloads / "org--model", TOTAL_FILES)
 
 
 def test_second_process_is_refused_with_pid(cli, hub):
@@ -200,7 +165,7 @@ def test_fault_mix_ends_with_every_file_correct(cli, hub, tool):
     hub.add_fault("stall", "f7.bin", after_bytes=10_000, seconds=30)
     r = cli("download", "flaky", "--tool", tool, "-j", "4", "-x", "1", "--stall-timeout", "2")
     assert r.code == 0, r.text
-    check_tree(cli.downloads / "flaky", files)
+    assert_same_tree(cli.downloads / "flaky", files)
     status = json.loads((cli.metadata / "tasks" / "task_001" / "file_status.json").read_text())
     for name in ("f0.bin", "f1.bin", "f3.bin", "f4.bin", "f7.bin"):
         assert status["files"][name]["attempts"] >= 2, (name, status["files"][name])
@@ -235,7 +200,7 @@ def test_failed_files_give_status_3_and_resume_fixes_them(cli, hub):
     assert json.loads(cli("status", "task_001", "--json").out)["status"] == "failed"
     hub.clear_faults()
     assert cli("resume", "task_001").code == 0
-    check_tree(cli.downloads / "broken", files)
+    assert_same_tree(cli.downloads / "broken", files)
 
 
 def test_verify_finds_and_refetches_bad_files(cli, hub):
@@ -259,7 +224,7 @@ def test_verify_finds_and_refetches_bad_files(cli, hub):
                         "d.txt": "missing"} or verdicts["a.bin"] == "hash mismatch"
     hub.reset_log()
     assert cli("resume", "task_001").code == 0
-    check_tree(folder, files)
+    assert_same_tree(folder, files)
     assert hub.file_downloads("b.txt") == 0
     assert cli("verify", "task_001").code == 0
 
@@ -279,7 +244,7 @@ def test_sync_fetches_only_changed_files_and_prunes(cli, hub):
     assert fetched == {"change.bin", "new.txt"}
     now = {"keep.bin": files["keep.bin"], "change.bin": Content(200_000, 99), "new.txt": b"new",
            "same.txt": b"same", "gone.txt": b"bye"}
-    check_tree(cli.downloads / "moving", now)           # removed upstream: kept without --prune
+    assert_same_tree(cli.downloads / "moving", now)           # removed upstream: kept without --prune
     hub.add_commit("moving", files={"later.txt": b"l"})
     r = cli("download", "moving", "--prune")
     assert r.code == 0 and "(deleted)" not in r.err or True
@@ -365,7 +330,7 @@ def test_partial_of_an_old_version_is_never_continued(cli, hub):
     r = cli("download", "moving", "--tool", "python")
     assert r.code == 0, r.text
     assert "mismatch" not in r.text
-    check_tree(target, {"w.bin": Content(3_000_000, 2), "x.txt": b"x"})
+    assert_same_tree(target, {"w.bin": Content(3_000_000, 2), "x.txt": b"x"})
     assert not old[0].exists()
 
 

@@ -8,7 +8,6 @@ subprocess, and nothing but 127.0.0.1 on the network.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -26,8 +25,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import TOOLS, Cli, Result, sha256_file, tree_files
-from fakehub import Content, FakeHub, content_sha256
+from tests.fakehub import Content, FakeHub, content_sha256
+from tests.helpers import (
+    TOOLS,
+    Cli,
+    Result,
+    assert_same_tree,
+    error_lines,
+    sha256_file,
+    size_of,
+    tmpfs,
+    tool_processes,
+    tree_files,
+    wait_for,
+)
 from utils import format_size
 
 MiB = 2**20
@@ -38,34 +49,15 @@ PARTIAL_RE = re.compile(r"^(?P<final>.+?)(?:\.[0-9a-f]{8,64})?\.incomplete"
 
 # ================================================================ helpers
 
-def _sh(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """mount(name, size, read_only=False): a real tmpfs under tmp_path, unmounted at teardown.
-    A failed mount fails the test: these tests need root, and CI runs as root."""
-    mounted: list[Path] = []
+    """mount(name, size, read_only=False): a real tmpfs under tmp_path, unmounted at teardown."""
+    with contextlib.ExitStack() as mounted:
+        def make(name: str, size: str, *, read_only: bool = False) -> Path:
+            return mounted.enter_context(tmpfs(tmp_path / name, size, read_only=read_only,
+                                               mode="0755"))
 
-    def make(name: str, size: str, *, read_only: bool = False) -> Path:
-        folder = tmp_path / name
-        folder.mkdir(parents=True)
-        res = _sh("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder))
-        if res.returncode:
-            pytest.fail(f"mount -t tmpfs on {folder} failed: "
-                        f"{res.stderr.strip() or res.returncode}")
-        mounted.append(folder)
-        if read_only:
-            res = _sh("mount", "-o", "remount,ro", str(folder))
-            if res.returncode:
-                pytest.fail(f"remount,ro of {folder} failed: {res.stderr.strip()}")
-        return folder
-
-    yield make
-    for folder in reversed(mounted):
-        if _sh("umount", str(folder)).returncode:
-            _sh("umount", "-l", str(folder))
+        yield make
 
 
 @pytest.fixture
@@ -130,14 +122,6 @@ def partial_bytes(folder: Path) -> int:
     return sum(partials(folder).values())
 
 
-def want_sha(data: bytes | Content) -> str:
-    return content_sha256(data) if isinstance(data, Content) else hashlib.sha256(data).hexdigest()
-
-
-def size_of(data: bytes | Content) -> int:
-    return data.size if isinstance(data, Content) else len(data)
-
-
 def complete_files(folder: Path, files: dict) -> set[str]:
     """The files at their final names; each must be a repo file with its exact size and sha256.
     Sidecars (.incomplete, .aria2, .parts, .log) are allowed; anything else is a defect."""
@@ -149,15 +133,9 @@ def complete_files(folder: Path, files: dict) -> set[str]:
             continue
         assert rel in files, f"unexpected file {rel}"
         assert p.stat().st_size == size_of(files[rel]), f"{rel} at its final name has a wrong size"
-        assert sha256_file(p) == want_sha(files[rel]), f"{rel} at its final name has wrong bytes"
+        assert sha256_file(p) == content_sha256(files[rel]), f"{rel} at its final name has wrong bytes"
         done.add(rel)
     return done
-
-
-def assert_same_tree(folder: Path, files: dict) -> None:
-    """Every repo file at its final name, byte-identical, and nothing else (no partial left)."""
-    assert sorted(tree_files(folder)) == sorted(files), sorted(tree_files(folder))
-    assert complete_files(folder, files) == set(files)
 
 
 def metadata_ok(metadata: Path) -> None:
@@ -169,30 +147,6 @@ def metadata_ok(metadata: Path) -> None:
     assert not [p for p in metadata.rglob("*.tmp")], list(metadata.rglob("*.tmp"))
 
 
-def tool_processes(*markers: str) -> list[str]:
-    """Live aria2c/wget processes whose command line holds one of the markers."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if cmd.startswith(("aria2c", "wget")) and state != "Z" and any(m in cmd for m in markers):
-            found.append(cmd)
-    return found
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
 def wait_for_partials(proc: subprocess.Popen, target: Path, nbytes: int) -> None:
     """Until a running download has `nbytes` of partials on disk; else fail with its output."""
     if not wait_for(lambda: partial_bytes(target) >= nbytes or proc.poll() is not None, 30) \
@@ -200,14 +154,6 @@ def wait_for_partials(proc: subprocess.Popen, target: Path, nbytes: int) -> None
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"the download did not get going (exit {proc.returncode}):\n{out}{err}")
-
-
-def error_lines(r: Result) -> list[str]:
-    """The `error:` lines; exactly one, and no traceback anywhere."""
-    assert "Traceback" not in r.text, r.text
-    lines = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    return lines
 
 
 def status_of(cli: Cli, task: str = "task_001") -> dict:

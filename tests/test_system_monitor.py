@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import system_monitor as sm
+from tests.helpers import tmpfs
 from utils import DiskSpaceError, ExitStatus, HFDError
 
 MiB = 2**20
@@ -23,28 +23,6 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
 # ---------------------------------------------------------------- helpers
-
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True)
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, size: str = "4m", *, read_only: bool = False) -> Iterator[Path]:
-    """A real small tmpfs at folder; a failed mount fails the test (CI runs as root)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    res = _run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder))
-    if res.returncode:
-        pytest.fail(f"mount tmpfs on {folder} failed: {res.stderr.strip() or res.returncode}")
-    try:
-        if read_only:
-            res = _run("mount", "-o", "remount,ro", str(folder))
-            if res.returncode:
-                pytest.fail(f"remount ro of {folder} failed: {res.stderr.strip()}")
-        yield folder
-    finally:
-        if _run("umount", str(folder)).returncode:
-            _run("umount", "-l", str(folder))
-
 
 @pytest.fixture(autouse=True)
 def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
