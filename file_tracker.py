@@ -308,8 +308,8 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
 
 def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
     """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
-    from utils import partial_path
-    partial = partial_path(final, f.expected_hash)
+    from utils import Partial
+    partial = Partial(final, f.expected_hash).path
     try:
         if r.verdict == "size mismatch" and final.stat().st_size < f.size:
             os.replace(final, partial)
@@ -352,13 +352,12 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
 
 def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
     """Remove the task's files (and partials) from disk, then the folders left empty."""
-    from utils import partial_path, partial_sidecars, safe_join
+    from utils import Partial, safe_join
     removed = 0
     folders = set()
     for f in tracker.files:
         final = safe_join(local_dir, f.path)
-        partial = partial_path(final, f.expected_hash)
-        for p in (final, partial, *partial_sidecars(partial)):
+        for p in (final, *Partial(final, f.expected_hash).files()):
             try:
                 p.unlink()
                 removed += p == final
