@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
                       auth_headers, resolve_location, retry_after_seconds, short_error)
@@ -160,18 +160,13 @@ def redact(text: str, token: str | None) -> str:
     return re.sub(r"(Bearer\s+)\S+", r"\1****", text)
 
 
-@contextlib.contextmanager
-def private_file(prefix: str, name: str, text: str) -> Iterator[Path]:
-    """A file only we can read (0600, created new) in a fresh temp folder, removed on exit."""
-    folder = tempfile.mkdtemp(prefix=prefix)
-    try:
-        path = Path(folder) / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        yield path
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def private_file(folder: Path, name: str, text: str) -> Path:
+    """Write a file only we can read (0600), refusing to reuse an existing one."""
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 # ================================================================ what the tools share
@@ -210,9 +205,8 @@ class Aria2Daemon:
 
     def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
         self.secret = secrets.token_hex(16)
-        self._cleanup = contextlib.ExitStack()      # the temp folder holding the config
-        conf = self._cleanup.enter_context(
-            private_file("hfdl-aria2-", "aria2.conf", f"rpc-secret={self.secret}\n"))
+        self.folder = Path(tempfile.mkdtemp(prefix="hfdl-aria2-"))    # removed by close()
+        conf = private_file(self.folder, "aria2.conf", f"rpc-secret={self.secret}\n")
         self.port = _free_port()
         stall = stall_timeout
         argv = ["aria2c", f"--conf-path={conf}", "--enable-rpc", "--rpc-listen-all=false",
@@ -230,7 +224,7 @@ class Aria2Daemon:
             self.proc = children.start(argv, env=child_env(), stdout=self.output)
         except BaseException:
             self.output.close()
-            self._cleanup.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
             raise
         import requests
         self.http = requests.Session()
@@ -276,7 +270,7 @@ class Aria2Daemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.output.close()
-        self._cleanup.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -413,8 +407,12 @@ class WgetBackend:
             return None
         # The token reaches wget through a private config file, never argv.
         wgetrc = "".join(f"header = {name}: {value}\n" for name, value in headers.items())
-        with private_file("hfdl-wget-", "wgetrc", wgetrc) as config:
+        folder = Path(tempfile.mkdtemp(prefix="hfdl-wget-"))
+        try:
+            config = private_file(folder, "wgetrc", wgetrc)
             self._run([argv[0], f"--config={config}", *argv[1:], "--", url], job, report, stop)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return None
 
     def _run(self, argv: list[str], job: Job, report: Report, stop: threading.Event) -> None:
