@@ -24,12 +24,9 @@ from typing import Callable, Iterable, TextIO
 
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker
-from tools import TOOLS, Aria2Backend, ChildSet, WgetBackend, choose_tool
+from tools import Aria2Backend, ChildSet, WgetBackend, choose_tool   # main: downloader.choose_tool
 from transfer import Backend, FailureKind, FetchError, Job, PythonBackend
-from utils import Partial, format_duration, format_size, hash_file, read_json, safe_join
-
-__all__ = ["TOOLS", "Options", "RunResult", "choose_tool", "run_downloads", "run_task",
-           "download_repo"]
+from utils import Partial, format_duration, format_size, hash_file, safe_join
 
 
 @dataclass(frozen=True)
@@ -42,7 +39,6 @@ class Options:
     retry_base: float = 1.0
     max_single_get: int = 50 * 10**9
     progress_interval: float = 5.0
-
 
 
 @dataclass

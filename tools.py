@@ -8,10 +8,8 @@ import ctypes
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -204,6 +202,7 @@ class Aria2Daemon:
     file, and the token only ever travels in RPC calls to 127.0.0.1, never on a command line."""
 
     def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
+        import secrets
         self.secret = secrets.token_hex(16)
         self.folder = Path(tempfile.mkdtemp(prefix="hfdl-aria2-"))    # removed by close()
         conf = private_file(self.folder, "aria2.conf", f"rpc-secret={self.secret}\n")
@@ -274,6 +273,7 @@ class Aria2Daemon:
 
 
 def _free_port() -> int:
+    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
