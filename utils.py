@@ -1,4 +1,5 @@
-"""Small shared pieces: error types, sizes, atomic JSON, safe paths, hashing, glob matching."""
+"""Small shared pieces: error types, sizes, atomic JSON, safe paths, partial files, hashing,
+glob matching."""
 from __future__ import annotations
 
 import contextlib

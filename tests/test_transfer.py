@@ -258,7 +258,9 @@ def test_stopped_aria2c_run_leaves_no_temp_folder(cli, hub, tmp_path: Path) -> N
     proc = cli.popen("download", REPO, "--tool", "aria2c", env={"TMPDIR": str(tmp)})
     deadline = time.monotonic() + 30
     while not (list(tmp.glob("hfdl-aria2-*")) and hub.bytes_served() > 200_000):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no aria2c download under way: {proc.communicate()[1]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=15)
