@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dataset_manager import Listing, RemoteFile, file_url
-from utils import (SCHEMA_VERSION, MetadataError, hash_file, now_iso, partial_path,
-                   partial_sidecars, read_json, safe_join, safe_relpath, write_json_atomic)
+from utils import (SCHEMA_VERSION, MetadataError, Partial, hash_file, now_iso,
+                   read_json, safe_join, safe_relpath, write_json_atomic)
 
 
 class FileState(str, enum.Enum):
@@ -325,7 +325,7 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
 
 def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
     """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
-    partial = partial_path(final, f.expected_hash)
+    partial = Partial(final, f.expected_hash).path
     try:
         if r.verdict == "size mismatch" and final.stat().st_size < f.size:
             os.replace(final, partial)
@@ -413,8 +413,7 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
     folders = set()
     for f in tracker.files:
         final = safe_join(local_dir, f.path)
-        partial = partial_path(final, f.expected_hash)
-        for p in (final, partial, *partial_sidecars(partial)):
+        for p in (final, *Partial(final, f.expected_hash).files()):
             try:
                 p.unlink()
                 removed += p == final

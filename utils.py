@@ -1,6 +1,8 @@
-"""Small shared pieces: error types, sizes, atomic JSON, safe paths, hashing, glob matching."""
+"""Small shared pieces: error types, sizes, atomic JSON, safe paths, partial files, hashing,
+glob matching."""
 from __future__ import annotations
 
+import contextlib
 import enum
 import fnmatch
 import hashlib
@@ -200,20 +202,72 @@ def safe_join(root: Path, name: str) -> Path:
     return Path(os.path.join(root, safe_relpath(name)))
 
 
-def partial_path(final: Path, expected_hash: str) -> Path:
-    """Where the bytes of one version of a file gather until it is complete and checked.
+class Partial:
+    """The bytes of one version of a file until they are whole and checked, with the side files
+    the backends keep beside them. The only code that knows their names.
 
     The version (hash prefix) is in the name, so a partial is only ever continued against the
     same file version, whatever the metadata says after a crash."""
-    name = final.name
-    if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
-        name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
-    return final.with_name(f"{name}.{expected_hash[:10]}.incomplete")
 
+    def __init__(self, final: Path, expected_hash: str) -> None:
+        name = final.name
+        if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
+            name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
+        self.path = final.with_name(f"{name}.{expected_hash[:10]}.incomplete")
+        self.control = self.path.with_name(self.path.name + ".aria2")   # aria2c's control file
+        self.part_map = self.path.with_name(self.path.name + ".parts")  # python's ranged parts
 
-def partial_sidecars(partial: Path) -> tuple[Path, Path]:
-    """aria2c's control file and the python backend's part map, beside the partial."""
-    return (partial.with_name(partial.name + ".aria2"), partial.with_name(partial.name + ".parts"))
+    def __repr__(self) -> str:
+        return f"Partial({str(self.path)!r})"
+
+    def files(self) -> tuple[Path, Path, Path]:
+        """The partial and its side files (any of them may be absent)."""
+        return self.path, self.control, self.part_map
+
+    def kind(self) -> str:
+        """How the bytes can be continued: "aria2" (control file), "parts" (part map), "seq"
+        (by length), "sparse" (holes without a map: cannot be continued) or "none" (no bytes).
+
+        An empty control file (aria2c could not save it: disk full) is unreadable: removed."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.control.stat().st_size == 0:
+                self.control.unlink()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "none"
+        if self.control.exists():
+            return "aria2"
+        if self.part_map.exists():
+            return "parts"
+        # A split download killed before its control file was saved leaves a sparse file whose
+        # length says nothing about which bytes are there.
+        return "sparse" if st.st_blocks * 512 + 4096 < st.st_size else "seq"
+
+    def bytes_on_disk(self) -> int:
+        """Bytes written so far; allocated blocks count holes left by parallel segments right."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return 0
+        return min(st.st_size, st.st_blocks * 512)
+
+    def discard(self) -> None:
+        """Remove the partial and its side files."""
+        for p in self.files():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def promote_to(self, final: Path) -> None:
+        """Give the (checked) bytes their final name, durably: fsync, side files gone, rename,
+        fsync of the folder."""
+        with open(self.path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        for side in (self.control, self.part_map):
+            with contextlib.suppress(FileNotFoundError):
+                side.unlink()
+        os.replace(self.path, final)
+        fsync_dir(final.parent)
 
 
 def repo_folder_name(repo_id: str) -> str:

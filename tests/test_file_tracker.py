@@ -11,7 +11,7 @@ import pytest
 import file_tracker as ft
 from dataset_manager import Listing, RemoteFile
 from file_tracker import FileState, FileTracker
-from utils import MetadataError, partial_path
+from utils import MetadataError, Partial
 
 ENDPOINT = "http://127.0.0.1:1"
 
@@ -213,7 +213,7 @@ def test_reconcile_with_disk(tmp_path: Path, tracker: FileTracker) -> None:
     assert changes == {"now_completed": 1, "now_pending": 1, "now_failed": 1}
     assert tracker.status["a.bin"]["status"] == "failed"
     assert not (local / "a.bin").exists()
-    assert partial_path(local / "a.bin", a.expected_hash).stat().st_size == 1000
+    assert Partial(local / "a.bin", a.expected_hash).path.stat().st_size == 1000
     assert tracker.status["sub/b.txt"]["status"] == "completed"
     assert tracker.status["sub/deep/c.bin"]["status"] == "pending"
 
@@ -227,7 +227,7 @@ def test_reconcile_removes_long_or_wrong_files_and_can_accept_absence(
     changes = ft.reconcile_with_disk(tracker, local, missing_ok=True)
     assert changes == {"now_completed": 0, "now_pending": 0, "now_failed": 2}
     assert not (local / "a.bin").exists() and not (local / "sub/b.txt").exists()
-    assert not partial_path(local / "a.bin", FILES[0].expected_hash).exists()
+    assert not Partial(local / "a.bin", FILES[0].expected_hash).path.exists()
     assert tracker.status["sub/deep/c.bin"]["status"] == "completed"
     assert ft.reconcile_with_disk(tracker, local)["now_pending"] == 1
 
@@ -237,7 +237,7 @@ def test_delete_local_files_removes_only_the_tasks_files(tmp_path: Path,
     local = tmp_path / "local"
     for f in FILES:
         put(local, f.path, CONTENT[f.path])
-    partial = partial_path(local / "sub/deep/c.bin", FILES[2].expected_hash)
+    partial = Partial(local / "sub/deep/c.bin", FILES[2].expected_hash).path
     partial.write_bytes(b"c")
     (local / "sub/deep/c.bin").unlink()
     keep = put(local, "sub/mine.txt", b"not the task's")

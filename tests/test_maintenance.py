@@ -11,7 +11,7 @@ import maintenance
 from dataset_manager import Listing, RemoteFile
 from file_tracker import FileTracker
 from task_manager import TaskStore
-from utils import TaskLockedError, partial_path
+from utils import Partial, TaskLockedError
 
 ENDPOINT = "http://127.0.0.1:1"
 CONTENT = {"a.bin": b"a" * 3000, "sub/b.txt": b"hello b\n", "sub/deep/c.bin": b"c" * 500}
@@ -108,7 +108,7 @@ def test_clean_deletes_only_the_tasks_files(tmp_path: Path, store: TaskStore) ->
     done = new_task(store, mine)
     kept = new_task(store, other)
     paused = new_task(store, tmp_path / "third", status="paused")
-    partial = partial_path(mine / "sub/deep/c.bin", FILES[2].expected_hash)
+    partial = Partial(mine / "sub/deep/c.bin", FILES[2].expected_hash).path
     partial.write_bytes(b"c")
     stranger = put(mine, "sub/notes.txt", b"not downloaded by the tool")
     removed, running = maintenance.clean_tasks(store, {done["id"]}, include_ended=False,

@@ -1,0 +1,459 @@
+"""The external tools (aria2c, wget) behind transfer's Backend interface, and the one place
+that starts child processes: argv lists, no inherited token, killed with the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
+                      auth_headers, resolve_location, retry_after_seconds, short_error)
+from utils import ToolError, UsageError
+
+log = logging.getLogger("hfdl.tools")
+
+TOOLS = ("auto", "aria2c", "wget", "python")
+
+
+def choose_tool(requested: str) -> str:
+    """auto: aria2c if installed, else wget, else python."""
+    if requested not in TOOLS:
+        raise UsageError(f"unknown tool {requested!r}", hint="use aria2c, wget, python or auto")
+    if requested == "auto":
+        return next((t for t in ("aria2c", "wget") if shutil.which(t)), "python")
+    if requested != "python" and not shutil.which(requested):
+        package = "aria2" if requested == "aria2c" else "wget"
+        raise ToolError(f"{requested} is not installed",
+                        hint=f"install it (apt-get install {package}) or use --tool python")
+    return requested
+
+
+# ================================================================ child processes
+
+_libc = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the parent dies (kill -9 included): no orphan tools."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6", use_errno=True)
+        _libc.prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+_SETPRIV: list[str | None] = []
+
+
+def _setpriv() -> str | None:
+    if not _SETPRIV:
+        _SETPRIV.append(shutil.which("setpriv"))
+    return _SETPRIV[0]
+
+
+class ChildSet:
+    """The tool processes of a run, so a stop can end them all at once."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
+
+    def start(self, argv: list[str], *, env: dict[str, str],
+              stdout: IO[bytes]) -> subprocess.Popen[bytes]:
+        # preexec_fn forces a slow fork of this process under the GIL (5.9 ms a spawn vs 0.7
+        # measured); setpriv sets the same parent-death signal in the child instead.
+        setpriv = _setpriv()
+        extra: dict[str, Any] = {} if setpriv else {"preexec_fn": _die_with_parent}
+        proc = subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv,
+                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, **extra)
+        with self._lock:
+            self._procs.add(proc)
+        return proc
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for tools: proxies under both spellings (aria2c reads lower case)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        value = os.environ.get(name) or os.environ.get(name.upper())
+        if value:
+            env[name] = env[name.upper()] = value
+    env["LC_ALL"] = "C.UTF-8"      # English messages to parse; UTF-8 file names intact
+    return env
+
+
+def watch_process(proc: subprocess.Popen[bytes], job: Job, report: Report,
+                  stop: threading.Event, stall_timeout: float) -> int:
+    """Wait for a tool, reporting progress from the partial file and killing it on a stall."""
+    last_mark: tuple[int, int] | None = None
+    last_change = time.monotonic()
+    while True:
+        try:
+            return proc.wait(0.25)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            st = os.stat(job.partial.path)
+            mark: tuple[int, int] | None = (st.st_size, st.st_blocks)
+        except FileNotFoundError:
+            mark = None
+        if mark != last_mark:
+            last_mark, last_change = mark, time.monotonic()
+            report(job.partial.bytes_on_disk())
+        if stop.is_set():
+            kill_group(proc)
+            raise FetchError("stopped", FailureKind.STOPPED)
+        if time.monotonic() - last_change > stall_timeout:
+            kill_group(proc)
+            raise FetchError(f"stalled: no byte for {stall_timeout:g} s")
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """TERM the tool's process group, KILL it after 3 s."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def redact(text: str, token: str | None) -> str:
+    if token:
+        text = text.replace(token, "****")
+    return re.sub(r"(Bearer\s+)\S+", r"\1****", text)
+
+
+def private_file(folder: Path, name: str, text: str) -> Path:
+    """Write a file only we can read (0600), refusing to reuse an existing one."""
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+# ================================================================ what the tools share
+
+def tool_url(sessions: HttpSessions, job: Job, stall_timeout: float) -> str:
+    """With a token, resolve redirects here so the tool never carries it to a CDN."""
+    if not job.token:
+        return job.url
+    try:
+        return resolve_location(sessions.get(), job, timeout=min(30, stall_timeout))
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError(f"resolving the download link failed: {short_error(exc)}") from None
+
+
+def probe_retry_after(sessions: HttpSessions, job: Job) -> float:
+    """The tools do not always show response headers: ask once how long the Hub wants us to
+    wait."""
+    try:
+        resp = sessions.get().head(job.url, headers=auth_headers(job.url, job),
+                                   allow_redirects=False, timeout=10)
+        return retry_after_seconds(resp.headers) or 5.0
+    except Exception:
+        return 5.0
+
+
+# ================================================================ aria2c
+
+class Aria2Daemon:
+    """One aria2c for the whole run, driven over JSON-RPC on 127.0.0.1.
+
+    A process per file costs more than a small file takes to fetch, and loses aria2c's
+    connection reuse; one daemon keeps both. Its RPC secret reaches it through a 0600 config
+    file, and the token only ever travels in RPC calls to 127.0.0.1, never on a command line."""
+
+    def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
+        import secrets
+        self.secret = secrets.token_hex(16)
+        self.folder = Path(tempfile.mkdtemp(prefix="hfdl-aria2-"))    # removed by close()
+        conf = private_file(self.folder, "aria2.conf", f"rpc-secret={self.secret}\n")
+        self.port = _free_port()
+        stall = stall_timeout
+        argv = ["aria2c", f"--conf-path={conf}", "--enable-rpc", "--rpc-listen-all=false",
+                f"--rpc-listen-port={self.port}", f"--max-concurrent-downloads={max(1, jobs)}",
+                "--continue=true", "--auto-file-renaming=false", "--allow-overwrite=true",
+                "--file-allocation=none", "--max-tries=1", "--retry-wait=0",
+                "--auto-save-interval=1", f"--connect-timeout={int(min(60, stall))}",
+                f"--timeout={int(max(5, stall))}", "--console-log-level=warn",
+                "--summary-interval=0", "--show-console-readout=false", "--remote-time=false",
+                "--allow-piece-length-change=true", f"--user-agent={USER_AGENT}",
+                f"--stop-with-process={os.getpid()}"]
+        log.info("running: %s", " ".join(argv))
+        self.output = tempfile.TemporaryFile()
+        try:
+            self.proc = children.start(argv, env=child_env(), stdout=self.output)
+        except BaseException:
+            self.output.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        import requests
+        self.http = requests.Session()
+        self.http.trust_env = False          # 127.0.0.1: never through a proxy
+        self._ids = 0
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.call("aria2.getVersion")
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.output.seek(0)
+                    text = self.output.read().decode(errors="replace").strip()[-300:]
+                    self.close()
+                    raise ToolError(f"aria2c did not start its RPC server: {text or 'no output'}",
+                                    hint="try --tool python or --tool wget") from None
+                time.sleep(0.05)
+
+    def call(self, method: str, *params: Any) -> Any:
+        self._ids += 1
+        try:
+            resp = self.http.post(f"http://127.0.0.1:{self.port}/jsonrpc", timeout=30, json={
+                "jsonrpc": "2.0", "id": self._ids, "method": method,
+                "params": [f"token:{self.secret}", *params]})
+            data = resp.json()
+        except Exception as exc:
+            raise FetchError(f"aria2c stopped answering: {short_error(exc)}") from None
+        if "error" in data:
+            raise FetchError(f"aria2c: {data['error'].get('message', data['error'])}")
+        return data["result"]
+
+    def close(self) -> None:
+        """End the daemon and remove its temp folder. After a normal run every download was
+        completed or removed (removal writes the control file), so nothing is left to save:
+        SIGKILL is immediate, while aria2c's own shutdown takes 1 s (SIGTERM) to 4 s (RPC)
+        even when idle. After a stop, ChildSet.kill_all has already ended it with SIGTERM."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.output.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Aria2Backend:
+    """aria2c: split downloads over several connections, through one daemon per run."""
+
+    name = "aria2c"
+    resumable = frozenset({"seq", "aria2"})
+    POLL = 0.2
+
+    def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
+        self.children = children
+        self.stall_timeout = stall_timeout
+        self.jobs = jobs
+        self.sessions = HttpSessions()
+        self._daemon: Aria2Daemon | None = None
+        self._daemon_lock = threading.Lock()
+
+    def open(self) -> None:
+        """Start the daemon from the main thread: a child gets SIGKILL when the *thread* that
+        started it ends (PR_SET_PDEATHSIG), and worker threads end before the run does."""
+        self.daemon()
+
+    def daemon(self) -> Aria2Daemon:
+        with self._daemon_lock:
+            if self._daemon is None:
+                self._daemon = Aria2Daemon(self.children, stall_timeout=self.stall_timeout,
+                                           jobs=self.jobs)
+            return self._daemon
+
+    def close(self) -> None:
+        with self._daemon_lock:
+            daemon, self._daemon = self._daemon, None
+        if daemon is not None:
+            daemon.close()
+
+    def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        url = tool_url(self.sessions, job, self.stall_timeout)
+        split = max(1, job.connections)
+        options: dict[str, Any] = {
+            "dir": str(job.partial.path.parent), "out": job.partial.path.name,
+            "split": str(split), "max-connection-per-server": str(min(16, split)),
+            # 1M: with bigger segments aria2c idles half its connections after the
+            # redirect until the first segments finish (measured: 8.0 s -> 4.9 s, 1 GiB)
+            "min-split-size": "1M"}
+        headers = [f"{k}: {v}" for k, v in auth_headers(url, job).items()]
+        if headers:
+            options["header"] = headers
+        daemon = self.daemon()
+        gid = daemon.call("aria2.addUri", [url], options)
+        try:
+            self._watch(daemon, gid, job, report, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                daemon.call("aria2.forceRemove", gid)
+            with contextlib.suppress(Exception):
+                daemon.call("aria2.removeDownloadResult", gid)
+        report(job.partial.bytes_on_disk())
+        return None
+
+    def _watch(self, daemon: Aria2Daemon, gid: str, job: Job, report: Report,
+               stop: threading.Event) -> None:
+        """Poll one download: progress, completion, errors, stalls and stops."""
+        keys = ["status", "completedLength", "errorCode", "errorMessage"]
+        last, last_change = -1, time.monotonic()
+        delay = 0.01          # small files finish in tens of ms: look soon, then back off
+        while True:
+            if stop.wait(delay):
+                raise FetchError("stopped", FailureKind.STOPPED)
+            delay = min(self.POLL, delay * 1.5)
+            st = daemon.call("aria2.tellStatus", gid, keys)
+            done = int(st.get("completedLength") or 0)
+            if done != last:
+                last, last_change = done, time.monotonic()
+                report(done)
+            if st["status"] == "complete":
+                return
+            if st["status"] in ("error", "removed"):
+                raise self.error(int(st.get("errorCode") or 1), st.get("errorMessage") or "", job)
+            if time.monotonic() - last_change > self.stall_timeout:
+                raise FetchError(f"stalled: no byte for {self.stall_timeout:g} s")
+
+    def error(self, code: int, detail: str, job: Job) -> FetchError:
+        """aria2c's exit code (3: not found, 9: disk full) and the HTTP status in its message."""
+        detail = redact(detail, job.token)[:300]
+        status = re.search(r"status=(\d{3})", detail)
+        n = int(status.group(1)) if status else None
+        if n == 429:
+            return FetchError(f"rate limited (429): {detail}", FailureKind.RATE_LIMITED,
+                              retry_after=probe_retry_after(self.sessions, job))
+        if n == 401:
+            return FetchError(f"HTTP {n}: {detail}", FailureKind.DENIED)
+        if n == 404 or code == 3:
+            return FetchError(f"HTTP {n or 404}: {detail}", FailureKind.NOT_FOUND)
+        if code == 9:
+            return FetchError(f"aria2c: not enough disk space: {detail}", FailureKind.DISK_FULL)
+        return FetchError(f"aria2c error {code}: {detail}")
+
+
+# ================================================================ wget
+
+class WgetBackend:
+    """wget: one process per file, one connection each."""
+
+    name = "wget"
+    resumable = frozenset({"seq"})
+
+    def __init__(self, children: ChildSet, *, stall_timeout: float) -> None:
+        self.children = children
+        self.stall_timeout = stall_timeout
+        self.sessions = HttpSessions()
+
+    def open(self) -> None:
+        """Nothing runs between files."""
+
+    def close(self) -> None:
+        """Nothing to end: each process ends with its file."""
+
+    def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        url = tool_url(self.sessions, job, self.stall_timeout)
+        headers = auth_headers(url, job)
+        # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
+        argv = ["wget", "--continue", "--no-iri", "--tries=1", "--server-response", "--no-verbose",
+                f"--timeout={int(max(5, self.stall_timeout))}",
+                f"--user-agent={USER_AGENT}", f"--output-document={job.partial.path}"]
+        if not headers:
+            self._run([argv[0], "--no-config", *argv[1:], "--", url], job, report, stop)
+            return None
+        # The token reaches wget through a private config file, never argv.
+        wgetrc = "".join(f"header = {name}: {value}\n" for name, value in headers.items())
+        folder = Path(tempfile.mkdtemp(prefix="hfdl-wget-"))
+        try:
+            config = private_file(folder, "wgetrc", wgetrc)
+            self._run([argv[0], f"--config={config}", *argv[1:], "--", url], job, report, stop)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    def _run(self, argv: list[str], job: Job, report: Report, stop: threading.Event) -> None:
+        """Run wget for one file; its output goes to a scratch file we read back."""
+        log.debug("running: %s", redact(" ".join(argv), job.token))
+        with tempfile.TemporaryFile() as output:
+            proc = self.children.start(argv, env=child_env(), stdout=output)
+            try:
+                code = watch_process(proc, job, report, stop, self.stall_timeout)
+            finally:
+                self.children.forget(proc)
+            output.seek(0)
+            detail = _wget_tail(output.read().decode(errors="replace"), job.token)
+        if code != 0:
+            raise self.error(code, detail, job)
+        report(job.partial.bytes_on_disk())
+
+    def error(self, code: int, detail: str, job: Job) -> FetchError:
+        """wget's exit code (3: file write error) and the last HTTP status it printed."""
+        statuses = re.findall(r"HTTP/[\d.]+ (\d{3})", detail)
+        n = int(statuses[-1]) if statuses else None
+        if n == 429:
+            after = re.findall(r"Retry-After:\s*(\d+)", detail)
+            return FetchError("rate limited (429)", FailureKind.RATE_LIMITED,
+                              retry_after=float(after[-1]) if after
+                              else probe_retry_after(self.sessions, job))
+        if n == 401:
+            return FetchError(f"HTTP {n}: {detail}", FailureKind.DENIED)
+        if n == 404:
+            return FetchError(f"HTTP {n}: {detail}", FailureKind.NOT_FOUND)
+        if n == 416:
+            return FetchError("HTTP 416: the partial file is longer than the file",
+                              FailureKind.BAD_PARTIAL)
+        if code == 3:
+            return FetchError(f"wget: file write error: {detail}", FailureKind.DISK_FULL)
+        return FetchError(f"wget exited {code}" + (f" (HTTP {n})" if n else "") + f": {detail}")
+
+
+def _wget_tail(text: str, token: str | None) -> str:
+    """The lines of wget's output that explain a failure, for the error message and the log."""
+    keep = [ln.strip() for ln in text.splitlines()
+            if re.search(r"^\s*HTTP/\d|^\s*Retry-After:|Cannot write|No space left|rror:|"
+                         r"failed|refused|ERROR", ln)]
+    return redact(" | ".join(keep[-4:]), token)[:400]

@@ -1,0 +1,417 @@
+"""Moving the bytes of one file into its partial: the backend interface every transport
+implements, the failures it reports, the HTTP rules they share, and the python backend.
+
+The external tools (aria2c, wget) implement the same interface in tools.py; the downloader
+picks a backend per file and decides what each failure means for the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
+from urllib.parse import urljoin, urlsplit
+
+from dataset_manager import RemoteFile
+from utils import HFDError, Partial, hash_file, new_hasher, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    import hashlib
+
+    import requests
+
+USER_AGENT = "hf-downloader/1.0"
+
+Report = Callable[[int], None]      # bytes of the file now in its partial
+
+
+# ================================================================ the interface
+
+class FailureKind(enum.Enum):
+    """Why an attempt failed; the downloader maps each kind to what it does next."""
+
+    TRANSIENT = "transient"          # network, server error, expired link: try again
+    RATE_LIMITED = "rate_limited"    # 429: the whole task waits `retry_after` seconds
+    DENIED = "denied"                # gated or unauthorised: more tries will not help
+    NOT_FOUND = "not_found"          # 404: the file is not at this commit
+    BAD_PARTIAL = "bad_partial"      # the partial bytes cannot be continued: start over
+    DISK_FULL = "disk_full"          # no space to write: stop the run
+    STOPPED = "stopped"              # the run's stop event was set
+
+
+class FetchError(Exception):
+    """One failed attempt at fetching a file, of one kind."""
+
+    def __init__(self, message: str, kind: FailureKind = FailureKind.TRANSIENT,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    """One file to fetch into its partial."""
+
+    file: RemoteFile
+    final: Path
+    partial: Partial
+    url: str                       # the resolve URL on the endpoint
+    token: str | None
+    endpoint: str
+    connections: int
+    max_single_get: int
+
+    @property
+    def needs_ranges(self) -> bool:
+        """The CDN refuses one GET above max_single_get, so such files, and partials already
+        fetched in ranged parts, can only be continued in ranged requests."""
+        return self.file.size > self.max_single_get or self.partial.part_map.exists()
+
+
+class Backend(Protocol):
+    """One way of moving a file's bytes into its partial."""
+
+    name: str
+    resumable: frozenset[str]        # the Partial.kind() values it can continue
+
+    def open(self) -> None:
+        """Start what the backend keeps running for the run (called from the main thread)."""
+
+    def close(self) -> None:
+        """End what open() started and remove what it left behind; safe after a stop."""
+
+    def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        """Fill job.partial, calling report(bytes in the partial) as they arrive.
+
+        Returns the hex digest when the bytes were hashed while streaming, else None (the
+        caller hashes the file). Raises FetchError; a set `stop` ends it with STOPPED."""
+
+
+# ================================================================ shared HTTP pieces
+
+class HttpSessions:
+    """One requests session per thread (sessions are not thread-safe), made on first use."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> "requests.Session":
+        import requests
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.headers["User-Agent"] = USER_AGENT
+            s.headers["Accept-Encoding"] = "identity"    # byte offsets must be file offsets
+            self._local.session = s
+        return s
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def same_origin(a: str, b: str) -> bool:
+    return _origin(a) == _origin(b)
+
+
+def auth_headers(url: str, job: Job) -> dict[str, str]:
+    """The token goes only to the endpoint's own origin."""
+    if job.token and same_origin(url, job.endpoint):
+        return {"Authorization": f"Bearer {job.token}"}
+    return {}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Retry-After, else the `t=` of the Hub's RateLimit header."""
+    value = headers.get("Retry-After")
+    if value and value.strip().isdigit():
+        return float(value)
+    match = re.search(r"\bt=(\d+)", headers.get("RateLimit", "") or "")
+    return float(match.group(1)) if match else None
+
+
+def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
+    """Map an HTTP status on a file request to a FetchError."""
+    if status == 429:
+        return FetchError("rate limited (429)", FailureKind.RATE_LIMITED,
+                          retry_after=retry_after_seconds(headers) or 5.0)
+    code = headers.get("X-Error-Code", "")
+    if code == "GatedRepo" or (status == 401 and code in ("", "RepoNotFound")):
+        # A bare 401 (no Hub error code) may come from a proxy in the way: worth a retry.
+        return FetchError(f"HTTP {status} {code or 'unauthorized'}: access refused",
+                          FailureKind.DENIED if code else FailureKind.TRANSIENT)
+    if status == 403:
+        # A signed CDN link that expired: ask /resolve/ again on the next attempt.
+        return FetchError("HTTP 403 (expired or refused link)")
+    if status == 404:
+        return FetchError(f"HTTP 404 {code or 'not found'}", FailureKind.NOT_FOUND)
+    if status == 416:
+        return FetchError("HTTP 416 (range not satisfiable)", FailureKind.BAD_PARTIAL)
+    return FetchError(f"HTTP {status}")
+
+
+def resolve_location(session: "requests.Session", job: Job, timeout: float) -> str:
+    """Follow the endpoint's redirects with HEAD, stopping at another origin (a CDN).
+
+    Used when a token is set, so that aria2c and wget get a URL whose origin decides
+    whether they may see the token, instead of following redirects with it themselves.
+    """
+    url = job.url
+    for _ in range(10):
+        resp = session.head(url, headers=auth_headers(url, job), allow_redirects=False,
+                            timeout=timeout)
+        if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+            url = urljoin(url, resp.headers["Location"])
+            if not same_origin(url, job.endpoint):
+                return url
+            continue
+        if resp.status_code >= 400:
+            raise http_error(resp.status_code, url, resp.headers)
+        return url
+    raise FetchError("too many redirects")
+
+
+def short_error(exc: BaseException) -> str:
+    """The first line of an exception, without urllib3's object reprs."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return re.sub(r"<urllib3\.[^>]*>", "", line)[:200]
+
+
+def write_error(exc: OSError) -> FetchError:
+    return FetchError(f"write failed: {exc.strerror}",
+                      FailureKind.DISK_FULL if exc.errno == errno.ENOSPC else FailureKind.TRANSIENT)
+
+
+# ================================================================ the python backend
+
+class PythonBackend:
+    """requests in threads; hashes while writing; ranged parts for huge files or -x N."""
+
+    name = "python"
+    resumable = frozenset({"seq", "parts"})
+    CHUNK = 1 << 20        # read1: up to this much, but whatever has arrived (slow links too)
+    MIN_PART = 64 << 20
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.sessions = HttpSessions()
+
+    def open(self) -> None:
+        """Nothing runs between files."""
+
+    def close(self) -> None:
+        """Nothing to end."""
+
+    def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        if job.needs_ranges or (job.connections > 1 and job.file.size >= 2 * self.MIN_PART):
+            self._fetch_parts(job, report, stop)
+            return None
+        return self._fetch_stream(job, report, stop)
+
+    # ---- one stream, resumed from the partial's length, hashed as it is written
+    def _fetch_stream(self, job: Job, report: Report, stop: threading.Event) -> str:
+        f, path = job.file, job.partial.path
+        offset = os.path.getsize(path) if path.exists() else 0
+        if offset > f.size:
+            offset = 0
+        hasher = new_hasher(f.hash_kind, f.size)
+        if offset:
+            hash_file(path, f.hash_kind, f.size, start_hasher=hasher)  # primes hasher
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self._get(job, headers)
+        with resp:
+            if offset and resp.status_code == 200:      # the server ignored Range: start over
+                offset, hasher = 0, new_hasher(f.hash_kind, f.size)
+            elif offset and not _range_starts_at(resp, offset):
+                raise FetchError("the server answered a different range", FailureKind.BAD_PARTIAL)
+            mode = "r+b" if offset else "wb"
+            with open(path, mode) as out:
+                out.seek(offset)
+                out.truncate()
+                done = self._copy(resp, out, hasher, offset, report, stop)
+                out.flush()
+        if done != f.size:
+            raise FetchError(f"body cut short: {done} of {f.size} bytes")
+        return hasher.hexdigest()
+
+    def _get(self, job: Job, headers: dict[str, str]) -> "requests.Response":
+        """GET the resolve URL, following redirects ourselves so the token stays home."""
+        import requests
+        url = job.url
+        try:
+            for _ in range(10):
+                resp = self.sessions.get().get(url, headers={**headers, **auth_headers(url, job)},
+                                               stream=True, allow_redirects=False,
+                                               timeout=(min(30, self.stall_timeout),
+                                                        self.stall_timeout))
+                if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                    url = urljoin(url, resp.headers["Location"])
+                    resp.close()
+                    continue
+                if resp.status_code >= 400:
+                    resp.close()
+                    raise http_error(resp.status_code, url, resp.headers)
+                return resp
+        except requests.RequestException as exc:
+            raise FetchError(short_error(exc)) from None
+        raise FetchError("too many redirects")
+
+    def _copy(self, resp: "requests.Response", out: IO[bytes], hasher: "hashlib._Hash",
+              offset: int, report: Report, stop: threading.Event) -> int:
+        done = offset
+        try:
+            for chunk in _chunks(resp, self.CHUNK):
+                if stop.is_set():
+                    raise FetchError("stopped", FailureKind.STOPPED)
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise write_error(exc) from None
+                hasher.update(chunk)
+                done += len(chunk)
+                report(done)
+        except _network_errors() as exc:
+            raise FetchError(f"connection lost after {done} bytes: {short_error(exc)}") from None
+        return done
+
+    # ---- ranged parts into one file; progress of each part kept in the partial's part map
+    def _fetch_parts(self, job: Job, report: Report, stop: threading.Event) -> None:
+        f, path = job.file, job.partial.path
+        parts = self._load_parts(job)
+        with open(path, "r+b" if path.exists() else "w+b") as out:
+            out.truncate(f.size)
+        lock = threading.Lock()
+        errors: list[FetchError] = []
+
+        def total() -> int:
+            return sum(p[2] - p[0] for p in parts)
+
+        def run_part(part: list[int]) -> None:
+            try:
+                self._fetch_range(job, part, lock, lambda: report(total()), stop)
+            except FetchError as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=run_part, args=(p,), daemon=True)
+                   for p in parts if p[2] <= p[1]]
+        saver_stop = threading.Event()
+        saver = threading.Thread(target=self._save_parts_loop, args=(job, parts, lock, saver_stop),
+                                 daemon=True)
+        saver.start()
+        for batch_start in range(0, len(workers), max(1, job.connections)):
+            batch = workers[batch_start:batch_start + max(1, job.connections)]
+            for t in batch:
+                t.start()
+            for t in batch:
+                t.join()
+        saver_stop.set()
+        saver.join()
+        self._save_parts(job, parts, lock)
+        if errors:
+            raise errors[0]
+        report(total())
+
+    def _load_parts(self, job: Job) -> list[list[int]]:
+        """[start, end(inclusive), next offset] per part, from the part map if it matches."""
+        f, path = job.file, job.partial.part_map
+        try:
+            saved = read_json(path)
+            if saved.get("size") == f.size and saved.get("hash") == f.expected_hash:
+                return [list(map(int, p)) for p in saved["parts"]]
+        except (HFDError, KeyError, TypeError, ValueError):
+            pass
+        count = max(job.connections, -(-f.size // job.max_single_get))
+        step = max(1, -(-f.size // max(1, count)))
+        parts = [[s, min(f.size, s + step) - 1, s] for s in range(0, f.size, step)]
+        if job.partial.path.exists() and not path.exists():   # a sequential partial: keep its head
+            have = min(os.path.getsize(job.partial.path), parts[0][1] + 1) if parts else 0
+            if parts:
+                parts[0][2] = have
+        return parts
+
+    def _fetch_range(self, job: Job, part: list[int], lock: threading.Lock,
+                     report: Callable[[], None], stop: threading.Event) -> None:
+        start, end, offset = part
+        resp = self._get(job, {"Range": f"bytes={offset}-{end}"})
+        with resp, open(job.partial.path, "r+b") as out:
+            if not _range_starts_at(resp, offset):
+                raise FetchError("the server ignored a range request")
+            out.seek(offset)
+            try:
+                for chunk in _chunks(resp, self.CHUNK):
+                    if stop.is_set():
+                        raise FetchError("stopped", FailureKind.STOPPED)
+                    chunk = chunk[:end + 1 - offset]
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise write_error(exc) from None
+                    offset += len(chunk)
+                    with lock:
+                        part[2] = offset
+                    report()
+                    if offset > end:
+                        break
+            except _network_errors() as exc:
+                raise FetchError(f"connection lost: {short_error(exc)}") from None
+            out.flush()
+            os.fsync(out.fileno())
+        if offset <= end:
+            raise FetchError(f"range cut short at {offset} of {end + 1}")
+
+    def _save_parts_loop(self, job: Job, parts: list[list[int]], lock: threading.Lock,
+                         stop: threading.Event) -> None:
+        while not stop.wait(2.0):
+            self._save_parts(job, parts, lock)
+
+    def _save_parts(self, job: Job, parts: list[list[int]], lock: threading.Lock) -> None:
+        # Data first, then the record of it: the part map never claims unwritten bytes.
+        with contextlib.suppress(OSError):
+            fd = os.open(job.partial.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with lock:
+            snapshot = [list(p) for p in parts]
+        with contextlib.suppress(OSError):
+            write_json_atomic(job.partial.part_map, {"size": job.file.size,
+                                                     "hash": job.file.expected_hash,
+                                                     "parts": snapshot}, indent=None)
+
+
+def _chunks(resp: "requests.Response", size: int) -> Iterator[bytes]:
+    """The body as it arrives: read1 returns what is there (up to `size`) instead of waiting
+    for a full chunk, so big chunks stay cheap on fast links and prompt on slow ones."""
+    read1 = getattr(resp.raw, "read1", None)
+    if read1 is None:
+        yield from resp.iter_content(size)
+        return
+    while True:
+        chunk = read1(size)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    import urllib3
+    return (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError,
+            TimeoutError)
+
+
+def _range_starts_at(resp: "requests.Response", offset: int) -> bool:
+    if resp.status_code != 206:
+        return offset == 0 and resp.status_code == 200
+    match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+    return match is not None and int(match.group(1)) == offset
