@@ -601,6 +601,38 @@ def open_batch_task(store: Any, identity: dict[str, Any], plan: dict[str, Any], 
     return task
 
 
+@dataclass(frozen=True)
+class PlanChoice:
+    task: dict[str, Any]
+    plan: dict[str, Any]
+    reused: bool                 # an existing task's plan (pinned at its commit), not a new one
+
+
+def plan_or_reuse(store: Any, identity: dict[str, Any],
+                  list_files: Callable[[], tuple[Any, str]], local_dir: Path,
+                  metadata_dir: Path) -> PlanChoice:
+    """The batch task of the same repo, filters, space and margin; planned now if new.
+
+    `list_files` returns (dataset_manager.Listing, endpoint); it is called only when a new plan
+    is needed, so reusing a plan needs no network."""
+    task = store.find(identity)
+    if task is not None:
+        return PlanChoice(task, load_task_plan(store, task["id"]), True)
+    import dataset_manager
+    listing, endpoint = list_files()
+    plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
+    task = open_batch_task(store, identity, plan, local_dir, endpoint)
+    dataset_manager.register(metadata_dir, listing)
+    return PlanChoice(task, plan, False)
+
+
+def resume_point(store: Any, task_id: str) -> tuple[int, str | None]:
+    """`resume` of a batch task: the batch that was running, and the target it was going to."""
+    plan = load_task_plan(store, task_id)
+    number = int(plan.get("current") or 1)
+    return number, plan["state"].get(str(number), {}).get("target")
+
+
 def task_for_plan_file(store: Any, plan: dict[str, Any], local_dir: Path,
                        endpoint: str) -> dict[str, Any]:
     """batch-continue plan.json N: this machine's task for that plan, created on first use."""

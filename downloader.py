@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import queue
 import random
@@ -22,14 +23,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, TextIO
 from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker
+from task_manager import StopReason, TaskStore
 from utils import (HFDError, ToolError, UsageError, format_duration, format_size, fsync_dir,
                    hash_file, new_hasher, partial_path, partial_sidecars, read_json, safe_join,
                    write_json_atomic)
+
+if TYPE_CHECKING:
+    from config import Config
 
 TOOLS = ("auto", "aria2c", "wget", "python")
 USER_AGENT = "hf-downloader/1.0"
@@ -74,7 +79,9 @@ class FetchError(Exception):
 @dataclass
 class RunResult:
     status: str                     # completed | failed | paused | cancelled
-    reason: str = ""
+    reason: str = ""                # shown and stored: "disk_full: 3 MiB free, ..."
+    stop: StopReason | None = None  # why the run stopped early, if it did
+    detail: str = ""                # what the stop reason was given (e.g. free space left)
     tool: str = ""
     files_total: int = 0
     files_done: int = 0
@@ -948,12 +955,12 @@ class Stopper:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self.detail = ""
 
-    def stop(self, reason: str, detail: str = "") -> None:
+    def stop(self, reason: StopReason | str, detail: str = "") -> None:
         if self.reason is None:
-            self.reason, self.detail = reason, detail
+            self.reason, self.detail = StopReason(reason), detail
         self.event.set()
 
 
@@ -1219,8 +1226,8 @@ def _join_for(threads: list[threading.Thread], seconds: float) -> None:
 
 # ================================================================ running a task
 
-_STOP_EXIT = {"interrupted": "paused", "terminated": "paused", "disk_full": "paused",
-              "cancelled": "cancelled"}
+_STOP_EXIT = {StopReason.INTERRUPTED: "paused", StopReason.TERMINATED: "paused",
+              StopReason.DISK_FULL: "paused", StopReason.CANCELLED: "cancelled"}
 
 
 @contextlib.contextmanager
@@ -1329,7 +1336,8 @@ def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stop
     result.files_total, result.files_done = summary["files_total"], summary["files_done"]
     result.files_failed, result.bytes_done = summary["files_failed"], summary["bytes_done"]
     if stopper.reason:
-        result.status, result.reason = _STOP_EXIT[stopper.reason], stopper.reason
+        result.status, result.reason = _STOP_EXIT[stopper.reason], stopper.reason.value
+        result.stop, result.detail = stopper.reason, stopper.detail
         if stopper.detail:
             result.reason += f": {stopper.detail}"
     elif result.files_failed:
@@ -1457,3 +1465,31 @@ def download_repo(store, req: DownloadRequest, listing, *, endpoint: str, token:
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)
     return DownloadOutcome(store.get(lock_id), result, sync, pruned, existing is not None)
+
+
+# ================================================================ resume and options
+
+def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | None,
+                opts: Options, reserve: int, log: logging.Logger, stream: TextIO,
+                quiet: bool = False,
+                on_start: Callable[[str], None] | None = None) -> DownloadOutcome:
+    """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
+
+    `on_start` gets the pinned commit once the lock is held, before any preflight."""
+    with store.lock(task_id):
+        task = store.get(task_id)
+        tracker = FileTracker.load(store.paths(task_id), task_id)
+        if on_start is not None:
+            on_start(tracker.meta["commit"])
+        result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
+                          reserve=reserve, log=log, stream=stream, quiet=quiet)
+    return DownloadOutcome(store.get(task_id), result, resumed=True)
+
+
+def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: int,
+                        stall_timeout: float) -> Options:
+    """The run's options: the per-command flags plus the settings that live in config."""
+    return Options(tool=cfg.get("tool"), connections=connections, jobs=jobs, retries=retries,
+                   stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
+                   max_single_get=cfg.get("max_single_get"),
+                   progress_interval=cfg.get("progress_interval"))
