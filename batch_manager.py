@@ -558,7 +558,7 @@ def plan_listing(plan: dict[str, Any]) -> Any:
 
 def read_plan_file(path: str) -> dict[str, Any]:
     from utils import read_json
-    plan = read_json(path)
+    plan = read_json(Path(path))
     if plan.get("kind") != PLAN_KIND or not isinstance(plan.get("batches"), list):
         raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output'")
     return plan
@@ -566,7 +566,7 @@ def read_plan_file(path: str) -> dict[str, Any]:
 
 def write_plan_file(path: str, plan: dict[str, Any]) -> None:
     from utils import write_json_atomic
-    write_json_atomic(path, {k: v for k, v in plan.items() if k != "state"}, indent=None)
+    write_json_atomic(Path(path), {k: v for k, v in plan.items() if k != "state"}, indent=None)
 
 
 def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
@@ -706,8 +706,10 @@ def write_marker(target: Path, task: dict[str, Any], plan: dict[str, Any], numbe
 
 def marker_has(target: Path, plan: dict[str, Any], number: int) -> bool:
     marker = read_marker(target)
-    return bool(marker) and any(e.get("plan_id") == plan["plan_id"] and e.get("batch") == number
-                                for e in marker["batches"])
+    if not marker:
+        return False
+    return any(e.get("plan_id") == plan["plan_id"] and e.get("batch") == number
+               for e in marker["batches"])
 
 
 def get_batch(plan: dict[str, Any], number: int) -> Batch:

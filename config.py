@@ -106,7 +106,7 @@ class Config:
         for s in SETTINGS:
             flag = (flags or {}).get(s.name)
             if flag is not None:
-                value = s.convert(flag) if isinstance(flag, (str, Path)) else flag
+                value = s.convert(str(flag)) if isinstance(flag, (str, Path)) else flag
                 self._values[s.name] = (value, "flag")
             elif s.env and environ.get(s.env):
                 self._values[s.name] = (_from_env(s, environ[s.env]), f"env {s.env}")

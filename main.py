@@ -6,7 +6,6 @@ one-line messages and exit statuses (utils.ExitStatus). Nothing else lives here.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import logging.handlers
 import os
@@ -16,8 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
-from task_manager import StopReason
-from utils import ExitStatus, HFDError, UsageError, format_size, parse_size
+import render
+from render import out, out_json, say
+from task_manager import StopReason, TaskStore, cancel, normalize_id
+from utils import ExitStatus, HFDError, UsageError, format_size, parse_size, repo_folder_name
 
 log = logging.getLogger("hfdl")
 
@@ -57,8 +58,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common() -> Parser:
+    common = Parser(add_help=False)
     g = common.add_argument_group("common options")
     g.add_argument("--metadata-dir", help="task records (env METADATA_DIR; default ./metadata)")
     g.add_argument("--downloads-dir", help="download root (env DOWNLOADS_DIR; default ./downloads)")
@@ -270,14 +271,6 @@ def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     return path
 
 
-def out(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def out_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str), flush=True)
-
-
 # ================================================================ handler helpers
 
 @dataclass(frozen=True)
@@ -324,33 +317,13 @@ def endpoint_for(cfg: config.Config, task_endpoint: str | None = None) -> str:
 
 
 def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path:
-    from utils import repo_folder_name
     return Path(os.path.abspath(local_dir or downloads_dir / repo_folder_name(repo_id)))
-
-
-def say(quiet: bool, text: str) -> None:
-    """Diagnostics go to stderr, so stdout stays clean for --json."""
-    if not quiet:
-        print(text, file=sys.stderr, flush=True)
 
 
 def report_refused(listing: Any) -> None:
     for name, why in listing.refused:
         print(f"warning: skipped {name!r}: {why}", file=sys.stderr)
         log.warning("refused a file name from the Hub: %r (%s)", name, why)
-
-
-def print_listing(listing: Any, as_json: bool) -> int:
-    if as_json:
-        out_json({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
-                  "commit": listing.commit, "total_size": listing.total_size,
-                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs} for f in listing.files]})
-        return ExitStatus.OK
-    for f in listing.files:
-        out(f"{format_size(f.size):>12}  {f.path}")
-    out(f"{len(listing.files)} files, {format_size(listing.total_size)} "
-        f"({listing.total_size} bytes) at commit {listing.commit}")
-    return ExitStatus.OK
 
 
 _RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
@@ -362,18 +335,7 @@ _STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
 
 
 def report_result(task_id: str, result: Any, as_json: bool) -> int:
-    if as_json:
-        out_json({"task": task_id, "status": result.status, "reason": result.reason,
-                  "files_total": result.files_total, "files_done": result.files_done,
-                  "files_failed": result.files_failed, "bytes_done": result.bytes_done,
-                  "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
-                  "failures": [{"path": p, "error": e} for p, e in result.failures]})
-    else:
-        out(f"{task_id}: {result.status}" + (f" ({result.reason})" if result.reason else "") +
-            f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
-            f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
-        for path, error in result.failures[:20]:
-            out(f"  failed: {path}: {error}")
+    render.run_result(task_id, result, as_json)
     return report_exit(task_id, result)
 
 
@@ -394,62 +356,6 @@ def report_exit(task_id: str, result: Any) -> int:
     return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
 
 
-def _task_row(t: dict) -> dict:
-    return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
-                                  "commit", "local_dir", "files_done", "files_failed",
-                                  "files_total", "bytes_done", "bytes_total", "tool",
-                                  "created_at", "updated_at")}
-
-
-def _pct(t: dict) -> str:
-    total = t.get("bytes_total") or 0
-    return f"{100.0 * (t.get('bytes_done') or 0) / total:5.1f}%" if total else "  -  "
-
-
-def render_task_list(tasks: list[dict], as_json: bool) -> None:
-    if as_json:
-        out_json([_task_row(t) for t in tasks])
-        return
-    if not tasks:
-        out("no tasks")
-        return
-    out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
-    for t in tasks:
-        out(f"{t['id']:9} {t.get('status', '?'):10} {_pct(t):>6} "
-            f"{t.get('files_done', 0):>5}/{t.get('files_total', 0):<5} "
-            f"{format_size(t.get('bytes_total', 0)):>11}  {t.get('repo_id')}"
-            + (" (dataset)" if t.get("repo_type") == "dataset" else ""))
-
-
-def render_status(task: dict, running_pid: int | None, as_json: bool) -> None:
-    """One task (as TaskStore.live sees it) and the process running it, if any."""
-    row = {**_task_row(task), "running_pid": running_pid}
-    if as_json:
-        out_json(row)
-        return
-    out(f"{task['id']}: {task.get('status')}" + (f" ({task['reason']})" if task.get("reason") else ""))
-    out(f"  repo:   {task.get('repo_type')} {task.get('repo_id')} @ {task.get('revision')} "
-        f"({str(task.get('commit'))[:12]})")
-    out(f"  folder: {task.get('local_dir')}")
-    out(f"  files:  {task.get('files_done', 0)}/{task.get('files_total', 0)} done, "
-        f"{task.get('files_failed', 0)} failed")
-    out(f"  bytes:  {format_size(task.get('bytes_done', 0))} / "
-        f"{format_size(task.get('bytes_total', 0))} ({_pct(task).strip()})")
-    if running_pid:
-        out(f"  running in PID {running_pid}")
-
-
-def render_files(rows: list[dict], shown: list[dict], counts: dict[str, int]) -> None:
-    out("  counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    out("")
-    out(f"{'STATUS':12} {'SIZE':>11} {'TRIES':>5}  FILE")
-    for r in shown:
-        out(f"{r['status']:12} {format_size(r['expected_size']):>11} {r.get('attempts', 0):>5}  "
-            f"{r['filename']}" + (f"  [{r['error']}]" if r.get("error") else ""))
-    if len(rows) > len(shown):
-        out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
-
-
 def _running_pid(store: Any, task_id: str) -> int | None:
     return store.owner_pid(task_id) if store.is_locked(task_id) else None
 
@@ -459,7 +365,6 @@ def _running_pid(store: Any, task_id: str) -> int | None:
 def cmd_download(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
-    from task_manager import TaskStore
     repo = _repo_choice(args)
     endpoint = endpoint_for(cfg)
     token = dm.hub_token()
@@ -468,7 +373,8 @@ def cmd_download(args: argparse.Namespace, cfg: config.Config) -> int:
     report_refused(listing)
     _require_files(listing, repo)
     if args.dry_run:
-        return print_listing(listing, args.json)
+        render.file_listing(listing, args.json)
+        return ExitStatus.OK
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
     req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
                                      repo.include, repo.exclude, args.prune)
@@ -523,47 +429,33 @@ def cmd_add_dataset(args: argparse.Namespace, cfg: config.Config) -> int:
 
 def cmd_list_datasets(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
-    datasets = dm.load_registry(cfg.metadata_dir)
-    if args.json:
-        out_json(list(datasets.values()))
-        return ExitStatus.OK
-    if not datasets:
-        out("no repos registered yet ('add-dataset REPO' or 'download REPO' adds one)")
-        return ExitStatus.OK
-    out(f"{'TYPE':8} {'REPO':45} {'FILES':>7} {'SIZE':>12}  COMMIT        DESCRIPTION")
-    for d in datasets.values():
-        out(f"{d['repo_type']:8} {d['repo_id']:45} {d.get('file_count', 0):>7} "
-            f"{format_size(d.get('total_size', 0)):>12}  {str(d.get('commit', ''))[:12]:13} "
-            f"{d.get('description', '')}")
+    render.datasets(list(dm.load_registry(cfg.metadata_dir).values()), args.json)
     return ExitStatus.OK
 
 
 def _live_tasks(metadata_dir: Path, status: str | None) -> list[dict]:
-    from task_manager import TaskStore
     store = TaskStore(metadata_dir)
     tasks = [store.live(t) for t in store.all().values()]
     return [t for t in tasks if not status or t.get("status") == status]
 
 
 def cmd_list_tasks(args: argparse.Namespace, cfg: config.Config) -> int:
-    render_task_list(_live_tasks(cfg.metadata_dir, args.status), args.json)
+    render.task_list(_live_tasks(cfg.metadata_dir, args.status), args.json)
     return ExitStatus.OK
 
 
 def cmd_status(args: argparse.Namespace, cfg: config.Config) -> int:
-    from task_manager import TaskStore, normalize_id
     if not args.task:
-        render_task_list(_live_tasks(cfg.metadata_dir, None), args.json)
+        render.task_list(_live_tasks(cfg.metadata_dir, None), args.json)
         return ExitStatus.OK
     store = TaskStore(cfg.metadata_dir)
     task = store.live(store.get(normalize_id(args.task)))
-    render_status(task, _running_pid(store, task["id"]), args.json)
+    render.status(task, _running_pid(store, task["id"]), args.json)
     return ExitStatus.OK
 
 
 def cmd_task_detail(args: argparse.Namespace, cfg: config.Config) -> int:
     from file_tracker import FileTracker
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     tracker = FileTracker.load(store.paths(task["id"]), task["id"])
@@ -572,34 +464,21 @@ def cmd_task_detail(args: argparse.Namespace, cfg: config.Config) -> int:
             if args.files == "all" or tracker.status[f.path]["status"] == args.files]
     shown = rows if args.limit == 0 else rows[:args.limit]
     if args.json:
-        out_json({"task": _task_row(task), "counts": tracker.counts, "files": shown})
+        out_json({"task": render.task_row(task), "counts": tracker.counts, "files": shown})
         return ExitStatus.OK
-    render_status(store.live(task), _running_pid(store, task["id"]), False)
-    render_files(rows, shown, tracker.counts)
+    render.status(store.live(task), _running_pid(store, task["id"]), False)
+    render.files(rows, shown, tracker.counts)
     return ExitStatus.OK
 
 
 def cmd_config(args: argparse.Namespace, cfg: config.Config) -> int:
-    rows = cfg.rows()
-    if args.json:
-        out_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
-        return ExitStatus.OK
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        value = r["value"]
-        if r["name"] == "disk_reserve":
-            value = f"{format_size(int(value))} ({value} bytes)"
-        elif r["name"] == "disk_warn_percent":
-            value = f"{value}%"
-        source = f"[{r['source']}]" if r["source"] else ""
-        out(f"{r['name']:{width}}  {value}  {source}")
+    render.settings(cfg.rows(), args.json)
     return ExitStatus.OK
 
 
 def cmd_resume(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     if task.get("kind") == "batch":          # continue the batch that was running
@@ -620,9 +499,8 @@ def cmd_resume(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, cfg: config.Config) -> int:
-    import task_manager
-    outcome = task_manager.cancel(
-        task_manager.TaskStore(cfg.metadata_dir), args.task, args.wait,
+    outcome = cancel(
+        TaskStore(cfg.metadata_dir), args.task, args.wait,
         on_asked=lambda tid, pid: out(f"asked {tid} (PID {pid or 'unknown'}) to stop..."))
     tid = outcome.task_id
     out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
@@ -745,7 +623,6 @@ def cmd_analyze_dataset(args: argparse.Namespace, cfg: config.Config) -> int:
 def _plan_or_reuse(args: argparse.Namespace, cfg: config.Config) -> tuple[Any, Any]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
-    from task_manager import TaskStore
     repo = _repo_choice(args)
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
@@ -786,7 +663,6 @@ def cmd_batch_download(args: argparse.Namespace, cfg: config.Config) -> int:
 
 def cmd_batch_continue(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     if args.task.endswith(".json") or os.path.isfile(args.task):
         plan = bm.read_plan_file(args.task)
@@ -812,32 +688,15 @@ def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_di
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
                        quiet=args.quiet)
-    render_batch_run(task["id"], number, run, args.json)
+    render.batch_run(task["id"], number, run, args.json)
     if run.result.status == "completed" and number < run.batch_count:
         say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task['id']} "
                         f"{number + 1}")
     return report_exit(task["id"], run.result)
 
 
-def render_batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
-    for warning in run.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    p = run.progress
-    if as_json:
-        out_json({"task": task_id, "batch": number, "status": run.result.status,
-                  "reason": run.result.reason, "target": run.target, **p})
-        return
-    out(f"{task_id} batch {number}/{run.batch_count}: {run.result.status}"
-        + (f" ({run.result.reason})" if run.result.reason else "")
-        + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
-          f"{format_size(p['bytes_total'])} in {run.target}")
-    for path, error in run.result.failures[:20]:
-        out(f"  failed: {path}: {error}")
-
-
 def cmd_batch_status(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     rows = bm.batch_rows(store, task)
