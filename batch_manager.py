@@ -559,7 +559,7 @@ def plan_listing(plan: dict[str, Any]) -> Any:
 
 def read_plan_file(path: str) -> dict[str, Any]:
     from utils import read_json
-    plan = read_json(path)
+    plan = read_json(Path(path))
     if plan.get("kind") != PLAN_KIND or not isinstance(plan.get("batches"), list):
         raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output'")
     return plan
@@ -567,7 +567,7 @@ def read_plan_file(path: str) -> dict[str, Any]:
 
 def write_plan_file(path: str, plan: dict[str, Any]) -> None:
     from utils import write_json_atomic
-    write_json_atomic(path, {k: v for k, v in plan.items() if k != "state"}, indent=None)
+    write_json_atomic(Path(path), {k: v for k, v in plan.items() if k != "state"}, indent=None)
 
 
 def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
@@ -600,6 +600,38 @@ def open_batch_task(store: Any, identity: dict[str, Any], plan: dict[str, Any], 
     FileTracker.create(store.folder(task["id"]), task["id"], listing, endpoint)
     save_task_plan(store, task["id"], plan)
     return task
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    task: dict[str, Any]
+    plan: dict[str, Any]
+    reused: bool                 # an existing task's plan (pinned at its commit), not a new one
+
+
+def plan_or_reuse(store: Any, identity: dict[str, Any],
+                  list_files: Callable[[], tuple[Any, str]], local_dir: Path,
+                  metadata_dir: Path) -> PlanChoice:
+    """The batch task of the same repo, filters, space and margin; planned now if new.
+
+    `list_files` returns (dataset_manager.Listing, endpoint); it is called only when a new plan
+    is needed, so reusing a plan needs no network."""
+    task = store.find(identity)
+    if task is not None:
+        return PlanChoice(task, load_task_plan(store, task["id"]), True)
+    import dataset_manager
+    listing, endpoint = list_files()
+    plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
+    task = open_batch_task(store, identity, plan, local_dir, endpoint)
+    dataset_manager.register(metadata_dir, listing)
+    return PlanChoice(task, plan, False)
+
+
+def resume_point(store: Any, task_id: str) -> tuple[int, str | None]:
+    """`resume` of a batch task: the batch that was running, and the target it was going to."""
+    plan = load_task_plan(store, task_id)
+    number = int(plan.get("current") or 1)
+    return number, plan["state"].get(str(number), {}).get("target")
 
 
 def task_for_plan_file(store: Any, plan: dict[str, Any], local_dir: Path,
@@ -675,8 +707,10 @@ def write_marker(target: Path, task: dict[str, Any], plan: dict[str, Any], numbe
 
 def marker_has(target: Path, plan: dict[str, Any], number: int) -> bool:
     marker = read_marker(target)
-    return bool(marker) and any(e.get("plan_id") == plan["plan_id"] and e.get("batch") == number
-                                for e in marker["batches"])
+    if not marker:
+        return False
+    return any(e.get("plan_id") == plan["plan_id"] and e.get("batch") == number
+               for e in marker["batches"])
 
 
 def get_batch(plan: dict[str, Any], number: int) -> Batch:

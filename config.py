@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from utils import UsageError, parse_size
 
@@ -47,6 +47,16 @@ def _percent(value: str) -> float:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < float("inf"):
+        raise UsageError(f"invalid number of seconds {value!r}", hint="use a positive number such as 1.5")
+    return number
+
+
 def _bool(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
@@ -69,8 +79,21 @@ SETTINGS: tuple[Setting, ...] = (
             _candidates, "tried in order when no endpoint is configured"),
     Setting("max_single_get", "HFDL_MAX_SINGLE_GET", str(DEFAULT_MAX_SINGLE_GET), parse_size,
             "bigger files are fetched in ranges"),
+    Setting("retry_base_delay", "HFDL_RETRY_BASE_DELAY", "1.0", _seconds,
+            "seconds before the first retry (doubling after)"),
+    Setting("progress_interval", "HFDL_PROGRESS_INTERVAL", "5", _seconds,
+            "seconds between progress lines when stderr is not a terminal"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _from_env(s: Setting, text: str) -> Any:
+    """Convert an environment value; a bad one names its variable (the user may not know it
+    is set)."""
+    try:
+        return s.convert(text)
+    except UsageError as exc:
+        raise UsageError(f"{exc} in {s.env}", hint=exc.hint) from None
 
 
 class Config:
@@ -83,10 +106,10 @@ class Config:
         for s in SETTINGS:
             flag = (flags or {}).get(s.name)
             if flag is not None:
-                value = s.convert(flag) if isinstance(flag, (str, Path)) else flag
+                value = s.convert(str(flag)) if isinstance(flag, (str, Path)) else flag
                 self._values[s.name] = (value, "flag")
             elif s.env and environ.get(s.env):
-                self._values[s.name] = (s.convert(environ[s.env]), f"env {s.env}")
+                self._values[s.name] = (_from_env(s, environ[s.env]), f"env {s.env}")
             else:
                 self._values[s.name] = (s.convert(s.default), "default")
 
@@ -144,6 +167,40 @@ class Config:
         return rows
 
 
+class _Check(Protocol):
+    error: str | None
+
+
+# Measures which candidates answer: (the first that did or None, the checks made), given the
+# candidates and a timeout in seconds; system_monitor.pick_endpoint is the real one.
+Probe = Callable[[list[str], float], "tuple[str | None, Sequence[_Check]]"]
+PROBE_TIMEOUT = 5.0
+
+
+def resolve_endpoint(cfg: Config, task_endpoint: str | None = None, *,
+                     probe: Probe) -> tuple[str, str | None]:
+    """The endpoint to use, and a note for the user when it switched to a mirror by itself.
+
+    A configured endpoint wins; then the one the task last ran with; else, unless no_mirror, the
+    first of the mirror candidates that answers (mirror auto-detection), remembered in `cfg`."""
+    if cfg.endpoint_configured:
+        return cfg.endpoint, None
+    if task_endpoint:
+        return task_endpoint, None
+    candidates = list(cfg.get("mirror_candidates"))
+    if cfg.get("no_mirror"):
+        return candidates[0], None        # the primary endpoint, never switched away from
+    chosen, checks = probe(candidates, PROBE_TIMEOUT)
+    if chosen is None:
+        return candidates[0], None
+    note = None
+    if chosen != candidates[0]:
+        note = (f"{candidates[0]} did not answer ({checks[0].error}); using the mirror {chosen} "
+                f"(set HF_ENDPOINT or --endpoint to choose, --no-mirror to turn this off)")
+    cfg.set("endpoint", chosen, "auto-detected")
+    return chosen, note
+
+
 def token_source() -> str:
     """Where the token would come from, without reading it into anything kept."""
     if os.environ.get("HF_TOKEN"):
@@ -179,6 +236,3 @@ def load_config(flags: Mapping[str, Any] | None = None) -> Config:
     _config = Config(flags)
     return _config
 
-
-def setting_names() -> list[str]:
-    return [s.name for s in SETTINGS]

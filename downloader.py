@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from dataset_manager import RemoteFile, file_url
 from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
                           forget_missing)
+from task_manager import StopReason, TaskStore
 from tools import Aria2Backend, ChildSet, WgetBackend, choose_tool   # main: downloader.choose_tool
 from transfer import Backend, FailureKind, FetchError, Job, PythonBackend
 from utils import Partial, format_duration, format_size, safe_join
 
 if TYPE_CHECKING:
+    from config import Config
     from dataset_manager import Listing
-    from task_manager import TaskStore
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class Options:
 @dataclass
 class RunResult:
     status: str                     # completed | failed | paused | cancelled
-    reason: str = ""
+    reason: str = ""                # shown and stored: "disk_full: 3 MiB free, ..."
+    stop: StopReason | None = None  # why the run stopped early, if it did
+    detail: str = ""                # what the stop reason was given (e.g. free space left)
     tool: str = ""
     files_total: int = 0
     files_done: int = 0
@@ -174,12 +177,12 @@ class Stopper:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self.detail = ""
 
-    def stop(self, reason: str, detail: str = "") -> None:
+    def stop(self, reason: StopReason | str, detail: str = "") -> None:
         if self.reason is None:
-            self.reason, self.detail = reason, detail
+            self.reason, self.detail = StopReason(reason), detail
         self.event.set()
 
 
@@ -433,8 +436,8 @@ def _join_for(threads: list[threading.Thread], seconds: float) -> None:
 
 # ================================================================ running a task
 
-_STOP_EXIT = {"interrupted": "paused", "terminated": "paused", "disk_full": "paused",
-              "cancelled": "cancelled"}
+_STOP_EXIT = {StopReason.INTERRUPTED: "paused", StopReason.TERMINATED: "paused",
+              StopReason.DISK_FULL: "paused", StopReason.CANCELLED: "cancelled"}
 
 
 @contextlib.contextmanager
@@ -570,7 +573,8 @@ def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stop
     result.files_total, result.files_done = summary["files_total"], summary["files_done"]
     result.files_failed, result.bytes_done = summary["files_failed"], summary["bytes_done"]
     if stopper.reason:
-        result.status, result.reason = _STOP_EXIT[stopper.reason], stopper.reason
+        result.status, result.reason = _STOP_EXIT[stopper.reason], stopper.reason.value
+        result.stop, result.detail = stopper.reason, stopper.detail
         if stopper.detail:
             result.reason += f": {stopper.detail}"
     elif result.files_failed:
@@ -698,3 +702,31 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)
     return DownloadOutcome(store.get(lock_id), result, sync, pruned, existing is not None)
+
+
+# ================================================================ resume and options
+
+def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | None,
+                opts: Options, reserve: int, log: logging.Logger, stream: TextIO,
+                quiet: bool = False,
+                on_start: Callable[[str], None] | None = None) -> DownloadOutcome:
+    """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
+
+    `on_start` gets the pinned commit once the lock is held, before any preflight."""
+    with store.lock(task_id):
+        task = store.get(task_id)
+        tracker = FileTracker.load(store.folder(task_id), task_id)
+        if on_start is not None:
+            on_start(tracker.meta["commit"])
+        result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
+                          reserve=reserve, log=log, stream=stream, quiet=quiet)
+    return DownloadOutcome(store.get(task_id), result, resumed=True)
+
+
+def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: int,
+                        stall_timeout: float) -> Options:
+    """The run's options: the per-command flags plus the settings that live in config."""
+    return Options(tool=cfg.get("tool"), connections=connections, jobs=jobs, retries=retries,
+                   stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
+                   max_single_get=cfg.get("max_single_get"),
+                   progress_interval=cfg.get("progress_interval"))

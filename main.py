@@ -6,15 +6,19 @@ one-line messages and exit statuses (utils.ExitStatus). Nothing else lives here.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import logging.handlers
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from utils import ExitStatus, HFDError, UsageError, format_size, parse_size
+import config
+import render
+from render import out, out_json, say
+from task_manager import StopReason, TaskStore, cancel, normalize_id
+from utils import ExitStatus, HFDError, UsageError, format_size, parse_size, repo_folder_name
 
 log = logging.getLogger("hfdl")
 
@@ -54,8 +58,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common() -> Parser:
+    common = Parser(add_help=False)
     g = common.add_argument_group("common options")
     g.add_argument("--metadata-dir", help="task records (env METADATA_DIR; default ./metadata)")
     g.add_argument("--downloads-dir", help="download root (env DOWNLOADS_DIR; default ./downloads)")
@@ -229,8 +233,7 @@ def build_parser() -> Parser:
 
 # ================================================================ setup
 
-def load_settings(args: argparse.Namespace):
-    import config
+def load_settings(args: argparse.Namespace) -> config.Config:
     flags = {"metadata_dir": args.metadata_dir, "downloads_dir": args.downloads_dir,
              "logs_dir": args.logs_dir, "endpoint": getattr(args, "endpoint", None),
              "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
@@ -268,255 +271,191 @@ def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     return path
 
 
-def out(text: str = "") -> None:
-    print(text, flush=True)
+# ================================================================ handler helpers
+
+@dataclass(frozen=True)
+class RepoChoice:
+    """The repo named on the command line, checked: what to list and from where."""
+    repo_id: str
+    repo_type: str
+    revision: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
 
-def out_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str), flush=True)
+def repo_type_of(dataset: bool, repo_type: str | None) -> str:
+    if dataset and repo_type not in (None, "dataset"):
+        raise UsageError(f"--dataset conflicts with --repo-type {repo_type}")
+    return "dataset" if dataset else (repo_type or "model")
 
 
-# ================================================================ handlers
-
-def repo_type_of(args: argparse.Namespace) -> str:
-    if args.dataset and args.repo_type not in (None, "dataset"):
-        raise UsageError("--dataset conflicts with --repo-type " + args.repo_type)
-    return "dataset" if args.dataset else (args.repo_type or "model")
-
-
-def cmd_download(args: argparse.Namespace, cfg) -> int:
-    import dataset_manager as dm
-    import downloader
-    from task_manager import TaskStore
-    from utils import repo_folder_name
-    repo_id = dm.validate_repo_id(args.repo)
-    repo_type = repo_type_of(args)
-    endpoint = pick_endpoint(cfg)
-    token = dm.hub_token()
-    listing = dm.list_files(repo_id, repo_type, args.revision, endpoint, token,
-                            args.include, args.exclude)
-    report_refused(listing)
-    if not listing.files:
-        if args.include or args.exclude:
-            raise UsageError(f"no file of {repo_id} matches the --include/--exclude filters",
-                             hint="check the patterns; 'download REPO --dry-run' lists the files")
-        raise HFDError(f"{repo_id} has no files at {args.revision}")
-    if args.dry_run:
-        return print_listing(listing, args.json)
-    local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir / repo_folder_name(repo_id)))
-    req = downloader.DownloadRequest(repo_id, repo_type, args.revision, local_dir,
-                                     tuple(args.include), tuple(args.exclude), args.prune)
-    opts = download_options(args, cfg)
-    tool = downloader.choose_tool(opts.tool)
-    say(args, f"{repo_type} {repo_id} @ {listing.commit[:12]}: {len(listing.files)} files, "
-              f"{format_size(listing.total_size)} -> {local_dir}")
-    say(args, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
-        f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
-    outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
-                                       endpoint=endpoint, token=token, opts=opts,
-                                       reserve=cfg.get("disk_reserve"), log=log,
-                                       stream=sys.stderr, quiet=args.quiet)
-    dm.register(cfg.metadata_dir, listing)
-    if outcome.sync is not None:
-        s = outcome.sync
-        say(args, f"new commit {listing.commit[:12]}: {len(s.added)} new, {len(s.changed)} "
-                  f"changed, {len(s.removed)} removed upstream, {s.unchanged} unchanged")
-        for path in s.removed:
-            say(args, f"  removed upstream: {path}" +
-                (" (deleted)" if path in outcome.pruned else " (kept; --prune deletes it)"))
-    return report_result(args, outcome.task, outcome.result)
+def _repo_choice(args: argparse.Namespace) -> RepoChoice:
+    """The values that `_repo_args` added, checked."""
+    import dataset_manager
+    repo_id = dataset_manager.validate_repo_id(args.repo)
+    return RepoChoice(repo_id, repo_type_of(args.dataset, args.repo_type), args.revision,
+                      tuple(getattr(args, "include", ())), tuple(getattr(args, "exclude", ())))
 
 
-def pick_endpoint(cfg) -> str:
-    """The configured endpoint; with none configured, the first of huggingface.co and the mirror
-    that answers (mirror auto-detection), unless --no-mirror."""
-    if cfg.endpoint_configured:
-        return cfg.endpoint
-    candidates = list(cfg.get("mirror_candidates"))
-    if cfg.get("no_mirror"):
-        return candidates[0]          # the primary endpoint, never switched away from
-    import system_monitor
-    chosen, checks = system_monitor.pick_endpoint(candidates, timeout=5.0)
-    if chosen is None:
-        return candidates[0]
-    if chosen != candidates[0]:
-        print(f"note: {candidates[0]} did not answer ({checks[0].error}); using the mirror "
-              f"{chosen} (set HF_ENDPOINT or --endpoint to choose, --no-mirror to turn this off)",
-              file=sys.stderr)
-    cfg.set("endpoint", chosen, "auto-detected")
-    return chosen
+def _tool_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The values that `_tool_args` added, for downloader.options_from_config."""
+    return {"connections": args.connections, "jobs": args.jobs, "retries": args.retries,
+            "stall_timeout": args.stall_timeout}
 
 
-def download_options(args: argparse.Namespace, cfg):
-    import downloader
-    return downloader.Options(
-        tool=cfg.get("tool"), connections=args.connections, jobs=args.jobs,
-        retries=args.retries, stall_timeout=args.stall_timeout,
-        retry_base=float(os.environ.get("HFDL_RETRY_BASE_DELAY", "1.0")),
-        max_single_get=cfg.get("max_single_get"),
-        progress_interval=float(os.environ.get("HFDL_PROGRESS_INTERVAL", "5")))
+def _probe_endpoints(candidates: list[str], timeout: float) -> tuple[str | None, list[Any]]:
+    import system_monitor           # only when probing: psutil and requests are slow to import
+    return system_monitor.pick_endpoint(candidates, timeout=timeout)
 
 
-def say(args: argparse.Namespace, text: str) -> None:
-    """Diagnostics go to stderr, so stdout stays clean for --json."""
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
+def endpoint_for(cfg: config.Config, task_endpoint: str | None = None) -> str:
+    """The endpoint to use (see config.resolve_endpoint); says so when it picked the mirror."""
+    endpoint, note = config.resolve_endpoint(cfg, task_endpoint, probe=_probe_endpoints)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return endpoint
 
 
-def report_refused(listing) -> None:
+def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path:
+    return Path(os.path.abspath(local_dir or downloads_dir / repo_folder_name(repo_id)))
+
+
+def report_refused(listing: Any) -> None:
     for name, why in listing.refused:
         print(f"warning: skipped {name!r}: {why}", file=sys.stderr)
         log.warning("refused a file name from the Hub: %r (%s)", name, why)
 
 
-def print_listing(listing, as_json: bool) -> int:
-    if as_json:
-        out_json({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
-                  "commit": listing.commit, "total_size": listing.total_size,
-                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs} for f in listing.files]})
-        return ExitStatus.OK
-    for f in listing.files:
-        out(f"{format_size(f.size):>12}  {f.path}")
-    out(f"{len(listing.files)} files, {format_size(listing.total_size)} "
-        f"({listing.total_size} bytes) at commit {listing.commit}")
-    return ExitStatus.OK
-
-
 _RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
                 "cancelled": ExitStatus.CANCELLED}
-_PAUSE_EXIT = {"interrupted": ExitStatus.INTERRUPTED, "terminated": ExitStatus.TERMINATED,
-               "disk_full": ExitStatus.DISK_FULL}
+_STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
+              StopReason.TERMINATED: ExitStatus.TERMINATED,
+              StopReason.DISK_FULL: ExitStatus.DISK_FULL,
+              StopReason.CANCELLED: ExitStatus.CANCELLED}
 
 
-def report_result(args: argparse.Namespace, task: dict, result) -> int:
-    tid = task["id"]
-    if getattr(args, "json", False):
-        out_json({"task": tid, "status": result.status, "reason": result.reason,
-                  "files_total": result.files_total, "files_done": result.files_done,
-                  "files_failed": result.files_failed, "bytes_done": result.bytes_done,
-                  "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
-                  "failures": [{"path": p, "error": e} for p, e in result.failures]})
-    else:
-        out(f"{tid}: {result.status}" + (f" ({result.reason})" if result.reason else "") +
-            f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
-            f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
-        for path, error in result.failures[:20]:
-            out(f"  failed: {path}: {error}")
-    return report_exit(task, result)
+def report_result(task_id: str, result: Any, as_json: bool) -> int:
+    render.run_result(task_id, result, as_json)
+    return report_exit(task_id, result)
 
 
-def report_exit(task: dict, result) -> int:
+def report_exit(task_id: str, result: Any) -> int:
     """The hint for a stopped or failed run, and its exit status."""
-    tid = task["id"]
-    if result.status == "paused":
-        kind = result.reason.split(":")[0]
-        if kind == "disk_full":
-            print(f"error: stopped before the disk filled up ({result.reason.split(': ', 1)[-1]});"
-                  f" {format_size(result.bytes_missing)} still to fetch",
-                  file=sys.stderr)
-            print(f"hint: free some space, then run 'python main.py resume {tid}'", file=sys.stderr)
-        else:
-            print(f"stopped; continue with 'python main.py resume {tid}'", file=sys.stderr)
-        return _PAUSE_EXIT.get(kind, ExitStatus.ERROR)
-    if result.status == "failed":
-        print(f"hint: 'python main.py resume {tid}' tries the failed files again", file=sys.stderr)
+    if result.stop is StopReason.DISK_FULL:
+        print(f"error: stopped before the disk filled up ({result.detail or result.reason}); "
+              f"{format_size(result.bytes_missing)} still to fetch", file=sys.stderr)
+        print(f"hint: free some space, then run 'python main.py resume {task_id}'",
+              file=sys.stderr)
+    elif result.stop in (StopReason.INTERRUPTED, StopReason.TERMINATED):
+        print(f"stopped; continue with 'python main.py resume {task_id}'", file=sys.stderr)
+    elif result.status == "failed":
+        print(f"hint: 'python main.py resume {task_id}' tries the failed files again",
+              file=sys.stderr)
+    if result.stop is not None:
+        return _STOP_EXIT[result.stop]
     return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
 
 
-def cmd_add_dataset(args: argparse.Namespace, cfg) -> int:
+def _running_pid(store: Any, task_id: str) -> int | None:
+    return store.owner_pid(task_id) if store.is_locked(task_id) else None
+
+
+# ================================================================ handlers
+
+def cmd_download(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
-    repo_id = dm.validate_repo_id(args.repo)
-    repo_type = repo_type_of(args)
-    listing = dm.list_files(repo_id, repo_type, args.revision, pick_endpoint(cfg), dm.hub_token())
+    import downloader
+    repo = _repo_choice(args)
+    endpoint = endpoint_for(cfg)
+    token = dm.hub_token()
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
+                            repo.include, repo.exclude)
+    report_refused(listing)
+    _require_files(listing, repo)
+    if args.dry_run:
+        render.file_listing(listing, args.json)
+        return ExitStatus.OK
+    local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
+                                     repo.include, repo.exclude, args.prune)
+    opts = downloader.options_from_config(cfg, **_tool_flags(args))
+    _announce(args.quiet, listing, local_dir, downloader.choose_tool(opts.tool), opts, endpoint)
+    outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
+                                       endpoint=endpoint, token=token, opts=opts,
+                                       reserve=cfg.get("disk_reserve"), log=log,
+                                       stream=sys.stderr, quiet=args.quiet)
+    dm.register(cfg.metadata_dir, listing)
+    _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
+    return report_result(outcome.task["id"], outcome.result, args.json)
+
+
+def _require_files(listing: Any, repo: RepoChoice) -> None:
+    if listing.files:
+        return
+    if repo.include or repo.exclude:
+        raise UsageError(f"no file of {repo.repo_id} matches the --include/--exclude filters",
+                         hint="check the patterns; 'download REPO --dry-run' lists the files")
+    raise HFDError(f"{repo.repo_id} has no files at {repo.revision}")
+
+
+def _announce(quiet: bool, listing: Any, local_dir: Path, tool: str, opts: Any,
+              endpoint: str) -> None:
+    say(quiet, f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}: "
+               f"{len(listing.files)} files, {format_size(listing.total_size)} -> {local_dir}")
+    say(quiet, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
+        f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
+
+
+def _report_sync(quiet: bool, commit: str, sync: Any, pruned: list[str]) -> None:
+    if sync is None:
+        return
+    say(quiet, f"new commit {commit[:12]}: {len(sync.added)} new, {len(sync.changed)} "
+               f"changed, {len(sync.removed)} removed upstream, {sync.unchanged} unchanged")
+    for path in sync.removed:
+        say(quiet, f"  removed upstream: {path}" +
+            (" (deleted)" if path in pruned else " (kept; --prune deletes it)"))
+
+
+def cmd_add_dataset(args: argparse.Namespace, cfg: config.Config) -> int:
+    import dataset_manager as dm
+    repo = _repo_choice(args)
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint_for(cfg),
+                            dm.hub_token())
     entry = dm.register(cfg.metadata_dir, listing, args.description)
-    out(f"registered {repo_type} {repo_id} @ {listing.commit[:12]}: {entry['file_count']} files, "
-        f"{format_size(entry['total_size'])}")
+    out(f"registered {repo.repo_type} {repo.repo_id} @ {listing.commit[:12]}: "
+        f"{entry['file_count']} files, {format_size(entry['total_size'])}")
     return ExitStatus.OK
 
 
-def cmd_list_datasets(args: argparse.Namespace, cfg) -> int:
+def cmd_list_datasets(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
-    datasets = dm.load_registry(cfg.metadata_dir)
-    if args.json:
-        out_json(list(datasets.values()))
-        return ExitStatus.OK
-    if not datasets:
-        out("no repos registered yet ('add-dataset REPO' or 'download REPO' adds one)")
-        return ExitStatus.OK
-    out(f"{'TYPE':8} {'REPO':45} {'FILES':>7} {'SIZE':>12}  COMMIT        DESCRIPTION")
-    for d in datasets.values():
-        out(f"{d['repo_type']:8} {d['repo_id']:45} {d.get('file_count', 0):>7} "
-            f"{format_size(d.get('total_size', 0)):>12}  {str(d.get('commit', ''))[:12]:13} "
-            f"{d.get('description', '')}")
+    render.datasets(list(dm.load_registry(cfg.metadata_dir).values()), args.json)
     return ExitStatus.OK
 
 
-def _live_status(store, t: dict) -> dict:
-    """A task recorded as running whose process is gone (kill -9, reboot) was interrupted."""
-    if t.get("status") == "running" and not store.is_locked(t["id"]):
-        t = {**t, "status": "paused", "reason": "interrupted (the process died)"}
-    return t
+def _live_tasks(metadata_dir: Path, status: str | None) -> list[dict]:
+    store = TaskStore(metadata_dir)
+    tasks = [store.live(t) for t in store.all().values()]
+    return [t for t in tasks if not status or t.get("status") == status]
 
 
-def _task_row(t: dict) -> dict:
-    return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
-                                  "commit", "local_dir", "files_done", "files_failed",
-                                  "files_total", "bytes_done", "bytes_total", "tool",
-                                  "created_at", "updated_at")}
-
-
-def _pct(t: dict) -> str:
-    total = t.get("bytes_total") or 0
-    return f"{100.0 * (t.get('bytes_done') or 0) / total:5.1f}%" if total else "  -  "
-
-
-def cmd_list_tasks(args: argparse.Namespace, cfg) -> int:
-    from task_manager import TaskStore
-    store = TaskStore(cfg.metadata_dir)
-    tasks = [_live_status(store, t) for t in store.all().values()]
-    tasks = [t for t in tasks if not args.status or t.get("status") == args.status]
-    if args.json:
-        out_json([_task_row(t) for t in tasks])
-        return ExitStatus.OK
-    if not tasks:
-        out("no tasks")
-        return ExitStatus.OK
-    out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
-    for t in tasks:
-        out(f"{t['id']:9} {t.get('status', '?'):10} {_pct(t):>6} "
-            f"{t.get('files_done', 0):>5}/{t.get('files_total', 0):<5} "
-            f"{format_size(t.get('bytes_total', 0)):>11}  {t.get('repo_id')}"
-            + (" (dataset)" if t.get("repo_type") == "dataset" else ""))
+def cmd_list_tasks(args: argparse.Namespace, cfg: config.Config) -> int:
+    render.task_list(_live_tasks(cfg.metadata_dir, args.status), args.json)
     return ExitStatus.OK
 
 
-def cmd_status(args: argparse.Namespace, cfg) -> int:
-    from task_manager import TaskStore, normalize_id
-    store = TaskStore(cfg.metadata_dir)
+def cmd_status(args: argparse.Namespace, cfg: config.Config) -> int:
     if not args.task:
-        return cmd_list_tasks(argparse.Namespace(status=None, json=args.json), cfg)
-    task = _live_status(store, store.get(normalize_id(args.task)))
-    row = _task_row(task)
-    row["running_pid"] = store.owner_pid(task["id"]) if store.is_locked(task["id"]) else None
-    if args.json:
-        out_json(row)
+        render.task_list(_live_tasks(cfg.metadata_dir, None), args.json)
         return ExitStatus.OK
-    out(f"{task['id']}: {task.get('status')}" + (f" ({task['reason']})" if task.get("reason") else ""))
-    out(f"  repo:   {task.get('repo_type')} {task.get('repo_id')} @ {task.get('revision')} "
-        f"({str(task.get('commit'))[:12]})")
-    out(f"  folder: {task.get('local_dir')}")
-    out(f"  files:  {task.get('files_done', 0)}/{task.get('files_total', 0)} done, "
-        f"{task.get('files_failed', 0)} failed")
-    out(f"  bytes:  {format_size(task.get('bytes_done', 0))} / "
-        f"{format_size(task.get('bytes_total', 0))} ({_pct(task).strip()})")
-    if row["running_pid"]:
-        out(f"  running in PID {row['running_pid']}")
+    store = TaskStore(cfg.metadata_dir)
+    task = store.live(store.get(normalize_id(args.task)))
+    render.status(task, _running_pid(store, task["id"]), args.json)
     return ExitStatus.OK
 
 
-def cmd_task_detail(args: argparse.Namespace, cfg) -> int:
+def cmd_task_detail(args: argparse.Namespace, cfg: config.Config) -> int:
     from file_tracker import FileTracker
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     tracker = FileTracker.load(store.folder(task["id"]), task["id"])
@@ -525,89 +464,45 @@ def cmd_task_detail(args: argparse.Namespace, cfg) -> int:
             if args.files == "all" or tracker.status[f.path]["status"] == args.files]
     shown = rows if args.limit == 0 else rows[:args.limit]
     if args.json:
-        out_json({"task": _task_row(task), "counts": tracker.counts, "files": shown})
+        out_json({"task": render.task_row(task), "counts": tracker.counts, "files": shown})
         return ExitStatus.OK
-    cmd_status(argparse.Namespace(task=task["id"], json=False), cfg)
-    out("  counts: " + ", ".join(f"{k} {v}" for k, v in tracker.counts.items()))
-    out("")
-    out(f"{'STATUS':12} {'SIZE':>11} {'TRIES':>5}  FILE")
-    for r in shown:
-        out(f"{r['status']:12} {format_size(r['expected_size']):>11} {r.get('attempts', 0):>5}  "
-            f"{r['filename']}" + (f"  [{r['error']}]" if r.get("error") else ""))
-    if len(rows) > len(shown):
-        out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
+    render.status(store.live(task), _running_pid(store, task["id"]), False)
+    render.files(rows, shown, tracker.counts)
     return ExitStatus.OK
 
 
-def cmd_config(args: argparse.Namespace, cfg) -> int:
-    rows = cfg.rows()
-    if args.json:
-        out_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
-        return ExitStatus.OK
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        value = r["value"]
-        if r["name"] == "disk_reserve":
-            value = f"{format_size(int(value))} ({value} bytes)"
-        elif r["name"] == "disk_warn_percent":
-            value = f"{value}%"
-        source = f"[{r['source']}]" if r["source"] else ""
-        out(f"{r['name']:{width}}  {value}  {source}")
+def cmd_config(args: argparse.Namespace, cfg: config.Config) -> int:
+    render.settings(cfg.rows(), args.json)
     return ExitStatus.OK
 
 
-def cmd_resume(args: argparse.Namespace, cfg) -> int:
+def cmd_resume(args: argparse.Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
-    from file_tracker import FileTracker
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     if task.get("kind") == "batch":          # continue the batch that was running
         import batch_manager as bm
-        plan = bm.load_task_plan(store, task["id"])
-        number = int(plan.get("current") or 1)
-        return _run_batch(args, cfg, store, task, number,
-                          plan["state"].get(str(number), {}).get("target"))
-    endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
-    opts = download_options(args, cfg)
-    with store.lock(task["id"]):
-        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
-        say(args, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
-                  f"{tracker.meta['commit'][:12]} -> {task['local_dir']}")
-        result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=dm.hub_token(),
-                                     opts=opts, reserve=cfg.get("disk_reserve"), log=log,
-                                     stream=sys.stderr, quiet=args.quiet)
-    return report_result(args, store.get(task["id"]), result)
+        number, target = bm.resume_point(store, task["id"])
+        return _run_batch(cfg, store, task, number, target, args)
+
+    def announce(commit: str) -> None:
+        say(args.quiet, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
+                        f"{commit[:12]} -> {task['local_dir']}")
+
+    outcome = downloader.resume_task(
+        store, task["id"], endpoint=endpoint_for(cfg, task.get("endpoint")),
+        token=dm.hub_token(), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
+        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
+        on_start=announce)
+    return report_result(outcome.task["id"], outcome.result, args.json)
 
 
-def cmd_cancel(args: argparse.Namespace, cfg) -> int:
-    import time
-    from task_manager import TaskStore, normalize_id
-    from utils import TaskLockedError
-    store = TaskStore(cfg.metadata_dir)
-    task = store.get(normalize_id(args.task))
-    tid = task["id"]
-    if task.get("status") == "completed":
-        raise HFDError(f"{tid} is already completed; nothing to cancel")
-    if store.is_locked(tid):
-        pid = store.owner_pid(tid)
-        store.request_cancel(tid)
-        out(f"asked {tid} (PID {pid or 'unknown'}) to stop...")
-        deadline = time.monotonic() + args.wait
-        while store.is_locked(tid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if store.is_locked(tid):
-            raise HFDError(f"{tid} is still running after {args.wait:g} s",
-                           hint=f"it will stop at its next check; or end PID {pid} with kill")
-        out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
-        return ExitStatus.OK
-    try:
-        with store.lock(tid):
-            store.clear_cancel(tid)
-            store.update(tid, status="cancelled", reason="cancelled by the user", pid=None)
-    except TaskLockedError:
-        raise HFDError(f"{tid} just started running; run cancel again") from None
+def cmd_cancel(args: argparse.Namespace, cfg: config.Config) -> int:
+    outcome = cancel(
+        TaskStore(cfg.metadata_dir), args.task, args.wait,
+        on_asked=lambda tid, pid: out(f"asked {tid} (PID {pid or 'unknown'}) to stop..."))
+    tid = outcome.task_id
     out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
     return ExitStatus.OK
 
@@ -684,13 +579,12 @@ def cmd_fix_progress(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK
 
 
-def cmd_check_system(args: argparse.Namespace, cfg) -> int:
+def cmd_check_system(args: argparse.Namespace, cfg: config.Config) -> int:
     import system_monitor
     path = Path(args.path) if args.path else cfg.downloads_dir
-    endpoint = cfg.endpoint if cfg.endpoint_configured else pick_endpoint(cfg)
     report = system_monitor.check_system(path, size=args.size, reserve=cfg.get("disk_reserve"),
                                          warn_percent=cfg.get("disk_warn_percent"),
-                                         endpoint=endpoint)
+                                         endpoint=endpoint_for(cfg))
     if args.json:
         out_json(report.to_json())
     else:
@@ -700,23 +594,22 @@ def cmd_check_system(args: argparse.Namespace, cfg) -> int:
 
 # ---------------------------------------------------------------- batches
 
-def _listing_for(args: argparse.Namespace, cfg):
-    """Resolve and list a repo for the batch and analysis commands (with the filters)."""
+def _batch_listing(cfg: config.Config, repo: RepoChoice) -> tuple[Any, str]:
+    """List a repo for the batch and analysis commands (with the filters), and its endpoint."""
     import dataset_manager as dm
-    repo_id = dm.validate_repo_id(args.repo)
-    endpoint = pick_endpoint(cfg)
-    listing = dm.list_files(repo_id, repo_type_of(args), args.revision, endpoint, dm.hub_token(),
-                            args.include, args.exclude)
+    endpoint = endpoint_for(cfg)
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint,
+                            dm.hub_token(), repo.include, repo.exclude)
     report_refused(listing)
     if not listing.files:
-        raise UsageError(f"no file of {repo_id} matches the --include/--exclude filters"
-                         if args.include or args.exclude else f"{repo_id} has no files")
+        raise UsageError(f"no file of {repo.repo_id} matches the --include/--exclude filters"
+                         if repo.include or repo.exclude else f"{repo.repo_id} has no files")
     return listing, endpoint
 
 
-def cmd_analyze_dataset(args: argparse.Namespace, cfg) -> int:
+def cmd_analyze_dataset(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    listing, _ = _listing_for(args, cfg)
+    listing, _ = _batch_listing(cfg, _repo_choice(args))
     analysis = bm.analyze_files(listing.files, available_space=args.available_space)
     analysis.update({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
                      "commit": listing.commit})
@@ -728,31 +621,26 @@ def cmd_analyze_dataset(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK
 
 
-def _plan_or_reuse(args: argparse.Namespace, cfg):
-    """The batch task of the same repo, filters, space and margin; planned now if new."""
+def _plan_or_reuse(args: argparse.Namespace, cfg: config.Config) -> tuple[Any, Any]:
+    """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
-    import dataset_manager as dm
-    from task_manager import TaskStore
-    from utils import repo_folder_name
+    repo = _repo_choice(args)
     store = TaskStore(cfg.metadata_dir)
-    repo_id = dm.validate_repo_id(args.repo)
-    identity = bm.batch_identity(repo_id, repo_type_of(args), args.revision, args.include,
-                                 args.exclude, args.available_space, args.safety_margin)
-    task = store.find(identity)
-    if task is not None:
-        say(args, f"reusing the plan of {task['id']} (pinned at {str(task['commit'])[:12]})")
-        return store, task, bm.load_task_plan(store, task["id"])
-    listing, endpoint = _listing_for(args, cfg)
-    plan = bm.new_plan(listing, args.available_space, args.safety_margin)
-    local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir / repo_folder_name(repo_id)))
-    task = bm.open_batch_task(store, identity, plan, local_dir, endpoint)
-    dm.register(cfg.metadata_dir, listing)
-    return store, task, plan
+    identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
+                                 repo.exclude, args.available_space, args.safety_margin)
+    choice = bm.plan_or_reuse(store, identity, lambda: _batch_listing(cfg, repo),
+                              target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id),
+                              cfg.metadata_dir)
+    if choice.reused:
+        say(args.quiet, f"reusing the plan of {choice.task['id']} "
+                        f"(pinned at {str(choice.task['commit'])[:12]})")
+    return store, choice
 
 
-def cmd_plan_batch(args: argparse.Namespace, cfg) -> int:
+def cmd_plan_batch(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    store, task, plan = _plan_or_reuse(args, cfg)
+    _, choice = _plan_or_reuse(args, cfg)
+    task, plan = choice.task, choice.plan
     batches = bm.plan_batches_of(plan)
     if args.output:
         bm.write_plan_file(args.output, plan)
@@ -769,72 +657,58 @@ def cmd_plan_batch(args: argparse.Namespace, cfg) -> int:
     return ExitStatus.OK
 
 
-def cmd_batch_download(args: argparse.Namespace, cfg) -> int:
-    store, task, plan = _plan_or_reuse(args, cfg)
-    return _run_batch(args, cfg, store, task, 1, args.local_dir)
+def cmd_batch_download(args: argparse.Namespace, cfg: config.Config) -> int:
+    store, choice = _plan_or_reuse(args, cfg)
+    return _run_batch(cfg, store, choice.task, 1, args.local_dir, args)
 
 
-def cmd_batch_continue(args: argparse.Namespace, cfg) -> int:
+def cmd_batch_continue(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    from task_manager import TaskStore, normalize_id
-    from utils import repo_folder_name
     store = TaskStore(cfg.metadata_dir)
     if args.task.endswith(".json") or os.path.isfile(args.task):
         plan = bm.read_plan_file(args.task)
-        local_dir = Path(os.path.abspath(args.local_dir or cfg.downloads_dir /
-                                         repo_folder_name(plan["repo_id"])))
+        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan["repo_id"])
         task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
     else:
         task = store.get(normalize_id(args.task))
-    return _run_batch(args, cfg, store, task, args.batch, args.local_dir)
+    return _run_batch(cfg, store, task, args.batch, args.local_dir, args)
 
 
-def _run_batch(args: argparse.Namespace, cfg, store, task: dict, number: int,
-               local_dir: str | None) -> int:
+def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_dir: str | None,
+               args: argparse.Namespace) -> int:
+    """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
+    the flags of `_tool_args` and --json/--quiet."""
     import batch_manager as bm
     import dataset_manager as dm
-    endpoint = cfg.endpoint if cfg.endpoint_configured else task.get("endpoint") or pick_endpoint(cfg)
+    import downloader
+    endpoint = endpoint_for(cfg, task.get("endpoint"))
     target = Path(os.path.abspath(local_dir)) if local_dir else None
-    say(args, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
-              f"{target or task['local_dir']}")
-    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint,
-                       token=dm.hub_token(), opts=download_options(args, cfg),
+    say(args.quiet, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
+                    f"{target or task['local_dir']}")
+    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=dm.hub_token(),
+                       opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
                        quiet=args.quiet)
-    for warning in run.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    p = run.progress
-    if args.json:
-        out_json({"task": task["id"], "batch": number, "status": run.result.status,
-                  "reason": run.result.reason, "target": run.target, **p})
-    else:
-        out(f"{task['id']} batch {number}/{run.batch_count}: {run.result.status}"
-            + (f" ({run.result.reason})" if run.result.reason else "")
-            + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
-              f"{format_size(p['bytes_total'])} in {run.target}")
-        for path, error in run.result.failures[:20]:
-            out(f"  failed: {path}: {error}")
+    render.batch_run(task["id"], number, run, args.json)
     if run.result.status == "completed" and number < run.batch_count:
-        say(args, f"next: swap the disk, then python main.py batch-continue {task['id']} "
-                  f"{number + 1}")
-    return report_exit(task, run.result)
+        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task['id']} "
+                        f"{number + 1}")
+    return report_exit(task["id"], run.result)
 
 
-def cmd_batch_status(args: argparse.Namespace, cfg) -> int:
+def cmd_batch_status(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
-    from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     rows = bm.batch_rows(store, task)
     if args.json:
-        out_json({"task": task["id"], "status": _live_status(store, task)["status"],
-                  "batches": rows})
+        out_json({"task": task["id"], "status": store.live(task)["status"], "batches": rows})
     else:
         out(bm.format_batch_rows(task, rows))
     return ExitStatus.OK
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+HANDLERS: dict[str, Callable[[argparse.Namespace, config.Config], int]] = {
     "download": cmd_download, "add-dataset": cmd_add_dataset, "list-datasets": cmd_list_datasets,
     "list-tasks": cmd_list_tasks, "status": cmd_status, "task-detail": cmd_task_detail,
     "config": cmd_config, "resume": cmd_resume, "cancel": cmd_cancel, "verify": cmd_verify,

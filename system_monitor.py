@@ -24,7 +24,8 @@ import requests
 
 from utils import DiskSpaceError, HFDError, format_size
 
-log = logging.getLogger(__name__)
+# Under the tool's "hfdl" logger, so its lines reach logs/download.log like the rest.
+log = logging.getLogger("hfdl.system_monitor")
 
 LOW_MEMORY = 500 * 2**20
 T = TypeVar("T")

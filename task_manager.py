@@ -5,11 +5,12 @@ import contextlib
 import enum
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from utils import (SCHEMA_VERSION, MetadataError, TaskLockedError, UsageError, now_iso,
+from utils import (SCHEMA_VERSION, HFDError, MetadataError, TaskLockedError, UsageError, now_iso,
                    read_json, write_json_atomic)
 
 
@@ -20,6 +21,14 @@ class TaskState(str, enum.Enum):
     CANCELLED = "cancelled"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+class StopReason(str, enum.Enum):
+    """Why a run stopped before its end (the first reason wins); a paused or cancelled task."""
+    INTERRUPTED = "interrupted"
+    TERMINATED = "terminated"
+    CANCELLED = "cancelled"
+    DISK_FULL = "disk_full"
 
 
 FINISHED = {TaskState.COMPLETED.value}
@@ -154,6 +163,14 @@ class TaskStore:
             return False
         return True
 
+    def live(self, task: dict[str, Any]) -> dict[str, Any]:
+        """The task as it stands now: one recorded as running whose process is gone (kill -9,
+        reboot) was interrupted."""
+        if task.get("status") == TaskState.RUNNING.value and not self.is_locked(task["id"]):
+            task = {**task, "status": TaskState.PAUSED.value,
+                    "reason": "interrupted (the process died)"}
+        return task
+
     # ------------------------------------------------------------ the task folder
 
     def folder(self, task_id: str) -> Path:
@@ -240,3 +257,44 @@ def normalize_id(task_id: str) -> str:
 def _highest_id(tasks: dict[str, Any]) -> int:
     numbers = [int(k[5:]) for k in tasks if k.startswith("task_") and k[5:].isdigit()]
     return max(numbers, default=0)
+
+
+# ================================================================ cancel
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    task_id: str
+    was_running: bool        # a running download was asked to stop, and did
+    pid: int | None          # the process that was running it, if known
+
+
+def cancel(store: TaskStore, task_id: str, wait: float, *,
+           on_asked: Callable[[str, int | None], None] | None = None,
+           clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> CancelOutcome:
+    """Cancel a task: a running one is asked to stop (through its cancel flag) and waited for
+    up to `wait` seconds; an idle one is marked cancelled under its lock. Bytes are kept."""
+    task = store.get(normalize_id(task_id))
+    tid = task["id"]
+    if task.get("status") == TaskState.COMPLETED.value:
+        raise HFDError(f"{tid} is already completed; nothing to cancel")
+    if store.is_locked(tid):
+        pid = store.owner_pid(tid)
+        store.request_cancel(tid)
+        if on_asked is not None:
+            on_asked(tid, pid)
+        deadline = clock() + wait
+        while store.is_locked(tid) and clock() < deadline:
+            sleep(0.2)
+        if store.is_locked(tid):
+            raise HFDError(f"{tid} is still running after {wait:g} s",
+                           hint=f"it will stop at its next check; or end PID {pid} with kill")
+        return CancelOutcome(tid, True, pid)
+    try:
+        with store.lock(tid):
+            store.clear_cancel(tid)
+            store.update(tid, status=TaskState.CANCELLED.value, reason="cancelled by the user",
+                         pid=None)
+    except TaskLockedError:
+        raise HFDError(f"{tid} just started running; run cancel again") from None
+    return CancelOutcome(tid, False, None)

@@ -1,0 +1,158 @@
+"""What the commands print: text tables for people, JSON documents for scripts (--json).
+
+Results go to stdout, diagnostics to stderr. These functions take plain values and decide
+nothing; main.py chooses what to show and the exit status.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from utils import format_size
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def out_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str), flush=True)
+
+
+def say(quiet: bool, text: str) -> None:
+    """Diagnostics go to stderr, so stdout stays clean for --json."""
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def file_listing(listing: Any, as_json: bool) -> None:
+    """`download --dry-run`: the files a download would fetch."""
+    if as_json:
+        out_json({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
+                  "commit": listing.commit, "total_size": listing.total_size,
+                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs} for f in listing.files]})
+        return
+    for f in listing.files:
+        out(f"{format_size(f.size):>12}  {f.path}")
+    out(f"{len(listing.files)} files, {format_size(listing.total_size)} "
+        f"({listing.total_size} bytes) at commit {listing.commit}")
+
+
+def task_row(t: dict) -> dict:
+    return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
+                                  "commit", "local_dir", "files_done", "files_failed",
+                                  "files_total", "bytes_done", "bytes_total", "tool",
+                                  "created_at", "updated_at")}
+
+
+def _pct(t: dict) -> str:
+    total = t.get("bytes_total") or 0
+    return f"{100.0 * (t.get('bytes_done') or 0) / total:5.1f}%" if total else "  -  "
+
+
+def task_list(tasks: list[dict], as_json: bool) -> None:
+    if as_json:
+        out_json([task_row(t) for t in tasks])
+        return
+    if not tasks:
+        out("no tasks")
+        return
+    out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
+    for t in tasks:
+        out(f"{t['id']:9} {t.get('status', '?'):10} {_pct(t):>6} "
+            f"{t.get('files_done', 0):>5}/{t.get('files_total', 0):<5} "
+            f"{format_size(t.get('bytes_total', 0)):>11}  {t.get('repo_id')}"
+            + (" (dataset)" if t.get("repo_type") == "dataset" else ""))
+
+
+def status(task: dict, running_pid: int | None, as_json: bool) -> None:
+    """One task (as TaskStore.live sees it) and the process running it, if any."""
+    row = {**task_row(task), "running_pid": running_pid}
+    if as_json:
+        out_json(row)
+        return
+    out(f"{task['id']}: {task.get('status')}" + (f" ({task['reason']})" if task.get("reason") else ""))
+    out(f"  repo:   {task.get('repo_type')} {task.get('repo_id')} @ {task.get('revision')} "
+        f"({str(task.get('commit'))[:12]})")
+    out(f"  folder: {task.get('local_dir')}")
+    out(f"  files:  {task.get('files_done', 0)}/{task.get('files_total', 0)} done, "
+        f"{task.get('files_failed', 0)} failed")
+    out(f"  bytes:  {format_size(task.get('bytes_done', 0))} / "
+        f"{format_size(task.get('bytes_total', 0))} ({_pct(task).strip()})")
+    if running_pid:
+        out(f"  running in PID {running_pid}")
+
+
+def files(rows: list[dict], shown: list[dict], counts: dict[str, int]) -> None:
+    out("  counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    out("")
+    out(f"{'STATUS':12} {'SIZE':>11} {'TRIES':>5}  FILE")
+    for r in shown:
+        out(f"{r['status']:12} {format_size(r['expected_size']):>11} {r.get('attempts', 0):>5}  "
+            f"{r['filename']}" + (f"  [{r['error']}]" if r.get("error") else ""))
+    if len(rows) > len(shown):
+        out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
+
+
+def batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
+    for warning in run.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    p = run.progress
+    if as_json:
+        out_json({"task": task_id, "batch": number, "status": run.result.status,
+                  "reason": run.result.reason, "target": run.target, **p})
+        return
+    out(f"{task_id} batch {number}/{run.batch_count}: {run.result.status}"
+        + (f" ({run.result.reason})" if run.result.reason else "")
+        + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
+          f"{format_size(p['bytes_total'])} in {run.target}")
+    for path, error in run.result.failures[:20]:
+        out(f"  failed: {path}: {error}")
+
+
+def run_result(task_id: str, result: Any, as_json: bool) -> None:
+    """The outcome of a download or resume run (downloader.RunResult)."""
+    if as_json:
+        out_json({"task": task_id, "status": result.status, "reason": result.reason,
+                  "files_total": result.files_total, "files_done": result.files_done,
+                  "files_failed": result.files_failed, "bytes_done": result.bytes_done,
+                  "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
+                  "failures": [{"path": p, "error": e} for p, e in result.failures]})
+        return
+    out(f"{task_id}: {result.status}" + (f" ({result.reason})" if result.reason else "") +
+        f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
+        f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
+    for path, error in result.failures[:20]:
+        out(f"  failed: {path}: {error}")
+
+
+def datasets(entries: list[dict], as_json: bool) -> None:
+    """`list-datasets`: the registered repos."""
+    if as_json:
+        out_json(entries)
+        return
+    if not entries:
+        out("no repos registered yet ('add-dataset REPO' or 'download REPO' adds one)")
+        return
+    out(f"{'TYPE':8} {'REPO':45} {'FILES':>7} {'SIZE':>12}  COMMIT        DESCRIPTION")
+    for d in entries:
+        out(f"{d['repo_type']:8} {d['repo_id']:45} {d.get('file_count', 0):>7} "
+            f"{format_size(d.get('total_size', 0)):>12}  {str(d.get('commit', ''))[:12]:13} "
+            f"{d.get('description', '')}")
+
+
+def settings(rows: list[dict[str, str]], as_json: bool) -> None:
+    """`config`: each setting, its value and where it came from."""
+    if as_json:
+        out_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        value = r["value"]
+        if r["name"] == "disk_reserve":
+            value = f"{format_size(int(value))} ({value} bytes)"
+        elif r["name"] == "disk_warn_percent":
+            value = f"{value}%"
+        source = f"[{r['source']}]" if r["source"] else ""
+        out(f"{r['name']:{width}}  {value}  {source}")
