@@ -13,11 +13,9 @@ import logging
 import os
 import queue
 import random
-import shutil
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -25,10 +23,11 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from dataset_manager import RemoteFile, file_url
 from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
                           forget_missing)
+from progress import Progress
 from task_manager import StopReason, TaskStore
 from tools import Aria2Backend, ChildSet, WgetBackend, choose_tool   # main: downloader.choose_tool
 from transfer import Backend, FailureKind, FetchError, Job, PythonBackend
-from utils import Partial, format_duration, format_size, safe_join
+from utils import Partial, format_size, safe_join
 
 if TYPE_CHECKING:
     from config import Config
@@ -72,102 +71,6 @@ BACKENDS: dict[str, Callable[[Options, ChildSet], Backend]] = {
     "wget": lambda o, c: WgetBackend(c, stall_timeout=o.stall_timeout),
     "python": lambda o, c: PythonBackend(o.stall_timeout),
 }
-
-
-# ================================================================ progress
-
-class Progress:
-    """Bytes and files done, speed, ETA: a tqdm bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, total_files: int, total_bytes: int, done_files: int, done_bytes: int,
-                 stream: TextIO, interval: float, quiet: bool = False) -> None:
-        self.total_files, self.total_bytes = total_files, total_bytes
-        self.done_files, self.base_bytes = done_files, done_bytes
-        self.active: dict[str, int] = {}
-        self.fetched = 0
-        self._lock = threading.Lock()
-        self.stream, self.interval, self.quiet = stream, interval, quiet
-        self.started = time.monotonic()
-        self._samples: deque[tuple[float, int]] = deque(maxlen=40)
-        self._last_line = time.monotonic()
-        self.bar = None
-        if not quiet and stream.isatty():
-            from tqdm import tqdm
-            # A terminal that reports no width (a bare pty) still gets an 80-column bar.
-            sized = shutil.get_terminal_size((0, 0)).columns > 0
-            self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=stream, dynamic_ncols=sized,
-                            ncols=None if sized else 80, nrows=None if sized else 24,
-                            leave=True)
-
-    def update(self, path: str, have: int) -> None:
-        with self._lock:
-            before = self.active.get(path, 0)
-            if have > before:
-                self.fetched += have - before
-            self.active[path] = have
-
-    def file_done(self, path: str, size: int, ok: bool, message: str) -> None:
-        with self._lock:
-            self.active.pop(path, None)
-            if ok:
-                self.done_files += 1
-                self.base_bytes += size
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
-
-    def file_started(self, path: str, have: int) -> None:
-        """Bytes already in the partial count as done, not as fetched by this run."""
-        with self._lock:
-            self.active[path] = have
-
-    def file_dropped(self, path: str) -> None:
-        with self._lock:
-            self.active.pop(path, None)
-
-    def bytes_done(self) -> int:
-        with self._lock:
-            return self.base_bytes + sum(self.active.values())
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        done = self.bytes_done()
-        self._samples.append((now, self.fetched))
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.n = min(done, self.total_bytes)
-            self.bar.set_postfix_str(f"{self.done_files}/{self.total_files} files", refresh=False)
-            self.bar.refresh()
-            return
-        if force or now - self._last_line >= self.interval:
-            self._last_line = now
-            print(self.line(final=force), file=self.stream, flush=True)
-
-    def speed(self) -> float:
-        if len(self._samples) < 2:
-            return 0.0
-        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def line(self, final: bool = False) -> str:
-        done, speed = self.bytes_done(), self.speed()
-        if final:       # the average over the run, not the last few seconds
-            elapsed = time.monotonic() - self.started
-            speed = self.fetched / elapsed if elapsed > 0 else 0.0
-        eta = (self.total_bytes - done) / speed if speed > 0 else None
-        pct = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
-        return (f"progress: {format_size(done)} / {format_size(self.total_bytes)} ({pct:.1f}%), "
-                f"{self.done_files}/{self.total_files} files, {format_size(speed)}/s, "
-                f"ETA {format_duration(eta)}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ================================================================ the run

@@ -608,16 +608,16 @@ def _batch_listing(cfg: config.Config, repo: RepoChoice) -> tuple[Any, str]:
 
 
 def cmd_analyze_dataset(args: argparse.Namespace, cfg: config.Config) -> int:
-    import batch_manager as bm
+    import batch_planner as bp
     listing, _ = _batch_listing(cfg, _repo_choice(args))
-    analysis = bm.analyze_files(listing.files, available_space=args.available_space)
+    analysis = bp.analyze_files(listing.files, available_space=args.available_space)
     analysis.update({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
                      "commit": listing.commit})
     if args.json:
         out_json(analysis)
     else:
         out(f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}")
-        out(bm.format_analysis(analysis))
+        out(bp.format_analysis(analysis))
     return ExitStatus.OK
 
 
@@ -639,6 +639,7 @@ def _plan_or_reuse(args: argparse.Namespace, cfg: config.Config) -> tuple[Any, A
 
 def cmd_plan_batch(args: argparse.Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
+    import batch_planner as bp
     _, choice = _plan_or_reuse(args, cfg)
     task, plan = choice.task, choice.plan
     batches = bm.plan_batches_of(plan)
@@ -646,9 +647,9 @@ def cmd_plan_batch(args: argparse.Namespace, cfg: config.Config) -> int:
         bm.write_plan_file(args.output, plan)
     if args.json:
         out_json({"task": task["id"], "commit": plan["commit"], "plan_id": plan["plan_id"],
-                  **bm.plan_summary(batches, plan["capacity"])})
+                  **bp.plan_summary(batches, plan["capacity"])})
         return ExitStatus.OK
-    out(bm.format_plan(batches, plan["capacity"]))
+    out(bp.format_plan(batches, plan["capacity"]))
     out(f"plan saved as {task['id']} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
         f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
     out(f"next: python main.py batch-download {plan['repo_id']}"

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 import pytest
 
-import batch_manager as bm
-from utils import MetadataError, UsageError
+import batch_planner as bp
+from utils import MetadataError, UsageError, format_size
 
 KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 MIB, GIB = 2**20, 2**30
 DISK = 10 * TB
 MARGIN = 0.95
-CAPACITY = bm.batch_capacity(DISK, MARGIN)          # 9.5 TB
+CAPACITY = bp.batch_capacity(DISK, MARGIN)          # 9.5 TB
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def random_listing(rng: random.Random, capacity: int) -> list[F]:
 
 # ---------------------------------------------------------------- invariants
 
-def check_plan(files: list[F], batches: list[bm.Batch], capacity: int, margin: float = 1.0,
-               min_fill: float = bm.DEFAULT_MIN_FILL) -> None:
+def check_plan(files: list[F], batches: list[bp.Batch], capacity: int, margin: float = 1.0,
+               min_fill: float = bp.DEFAULT_MIN_FILL) -> None:
     """Everything a plan must satisfy, whatever the listing."""
     sizes = {f.path: f.size for f in files}
     assert Counter(p for b in batches for p in b.paths) == Counter(f.path for f in files)
@@ -84,8 +84,8 @@ def check_plan(files: list[F], batches: list[bm.Batch], capacity: int, margin: f
         assert b.total_bytes == sum(sizes[p] for p in b.paths)
         if b.oversize:
             assert b.file_count == 1 and b.total_bytes > capacity
-            assert b.needed_space == bm.needed_disk_space(b.total_bytes, margin)
-            assert bm.batch_capacity(b.needed_space, margin) >= b.total_bytes
+            assert b.needed_space == bp.needed_disk_space(b.total_bytes, margin)
+            assert bp.batch_capacity(b.needed_space, margin) >= b.total_bytes
         else:
             assert b.total_bytes <= capacity and b.needed_space == 0
     # Order: regular batches, concatenated, are the listing without the oversize files.
@@ -99,7 +99,7 @@ def check_plan(files: list[F], batches: list[bm.Batch], capacity: int, margin: f
     check_oversize_placement(files, batches, capacity)
 
 
-def check_oversize_placement(files: list[F], batches: list[bm.Batch], capacity: int) -> None:
+def check_oversize_placement(files: list[F], batches: list[bp.Batch], capacity: int) -> None:
     """An oversize batch comes right after the batch holding the regular file before it."""
     where = {p: b.number for b in batches for p in b.paths}
     last_regular = None
@@ -137,14 +137,14 @@ def big() -> list[F]:
 
 
 def test_big_plan_keeps_every_invariant(big):
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
     check_plan(big, batches, CAPACITY, MARGIN)
 
 
 def test_big_plan_fill_threshold_and_disk_count(big):
     # No regular file is bigger than 3 GB, far under half a disk: every regular batch but
     # the last is at least half full, and no disk is spent on keeping folders whole.
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
     regular = [b for b in batches if not b.oversize]
     assert all(b.total_bytes >= CAPACITY // 2 for b in regular[:-1])
     assert len(regular) == regular_greedy_count(big, CAPACITY)
@@ -152,7 +152,7 @@ def test_big_plan_fill_threshold_and_disk_count(big):
 
 
 def test_big_plan_keeps_language_folders_whole_when_free(big):
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
     by_lang: dict[str, set[int]] = {}
     for b in batches:
         for p in b.paths:
@@ -166,7 +166,7 @@ def test_big_plan_keeps_language_folders_whole_when_free(big):
 
 
 def test_big_plan_oversize_files(big):
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
     oversize = [b for b in batches if b.oversize]
     assert [b.first_path for b in oversize] == [f"raw/part-{k}/full.tar" for k in range(3)]
     for b in oversize:
@@ -177,7 +177,7 @@ def test_big_plan_oversize_files(big):
 def test_plan_100k_files_is_fast():
     files = dataset_100k()
     start = time.perf_counter()
-    batches = bm.plan_batches(files, 4 * TB)
+    batches = bp.plan_batches(files, 4 * TB)
     elapsed = time.perf_counter() - start
     assert elapsed < 3.0, f"planning 100,000 files took {elapsed:.2f} s"
     check_plan(files, batches, 4 * TB)
@@ -185,58 +185,58 @@ def test_plan_100k_files_is_fast():
 
 def test_generator_input_is_accepted():
     files = [F(f"d/{k}", 10) for k in range(25)]
-    batches = bm.plan_batches((f for f in files), 100)
+    batches = bp.plan_batches((f for f in files), 100)
     assert [b.file_count for b in batches] == [10, 10, 5]
 
 
 # ---------------------------------------------------------------- the rule, by hand
 
-def paths_of(batches: list[bm.Batch]) -> list[list[str]]:
+def paths_of(batches: list[bp.Batch]) -> list[list[str]]:
     return [list(b.paths) for b in batches]
 
 
 def test_folder_starts_new_batch_when_current_is_half_full():
     files = [F("a/1", 30), F("a/2", 30), F("b/1", 20), F("b/2", 30), F("c/1", 40)]
-    assert paths_of(bm.plan_batches(files, 100)) == [["a/1", "a/2"], ["b/1", "b/2", "c/1"]]
+    assert paths_of(bp.plan_batches(files, 100)) == [["a/1", "a/2"], ["b/1", "b/2", "c/1"]]
     # min_fill=1 is plain greedy filling.
-    assert paths_of(bm.plan_batches(files, 100, min_fill=1.0)) == [
+    assert paths_of(bp.plan_batches(files, 100, min_fill=1.0)) == [
         ["a/1", "a/2", "b/1"], ["b/2", "c/1"]]
 
 
 def test_folder_is_split_when_current_batch_is_under_half_full():
     files = [F("r", 20), F("a/1", 45), F("a/2", 45)]
-    assert paths_of(bm.plan_batches(files, 100)) == [["r", "a/1"], ["a/2"]]
+    assert paths_of(bp.plan_batches(files, 100)) == [["r", "a/1"], ["a/2"]]
 
 
 def test_deepest_fitting_folder_is_kept_whole():
     # d/ (120) is too big for a batch; its subfolders d/x and d/y (60 each) are kept whole.
     files = [F("r", 30), F("d/x/1", 40), F("d/x/2", 20), F("d/y/1", 30), F("d/y/2", 30)]
-    assert paths_of(bm.plan_batches(files, 100)) == [
+    assert paths_of(bp.plan_batches(files, 100)) == [
         ["r", "d/x/1", "d/x/2"], ["d/y/1", "d/y/2"]]
 
 
 def test_big_folder_is_spread_in_order_over_consecutive_batches():
     files = [F(f"train/shard-{k:02d}", 10) for k in range(25)]
-    batches = bm.plan_batches(files, 100)
+    batches = bp.plan_batches(files, 100)
     assert paths_of(batches) == [[f.path for f in files[i:i + 10]] for i in (0, 10, 20)]
 
 
 def test_keeping_a_folder_whole_never_costs_an_extra_disk():
     # Closing at 60 to keep b/ whole would take three batches where two do: b/ is split.
     files = [F("a/1", 60), F("b/1", 30), F("b/2", 30), F("c/1", 50)]
-    assert paths_of(bm.plan_batches(files, 100)) == [["a/1", "b/1"], ["b/2", "c/1"]]
+    assert paths_of(bp.plan_batches(files, 100)) == [["a/1", "b/1"], ["b/2", "c/1"]]
     # Allowed one more disk, or no limit, the folders stay whole.
     for extra in (1, None):
-        assert paths_of(bm.plan_batches(files, 100, extra_batches=extra)) == [
+        assert paths_of(bp.plan_batches(files, 100, extra_batches=extra)) == [
             ["a/1"], ["b/1", "b/2"], ["c/1"]]
     # When it is free, b/ is kept whole even with no extra disk.
     files = [F("a/1", 60), F("b/1", 30), F("b/2", 30), F("c/1", 30)]
-    assert paths_of(bm.plan_batches(files, 100)) == [["a/1"], ["b/1", "b/2", "c/1"]]
+    assert paths_of(bp.plan_batches(files, 100)) == [["a/1"], ["b/1", "b/2", "c/1"]]
 
 
 def test_oversize_file_is_pulled_out_and_its_folder_kept_together():
     files = [F("p", 10), F("v/a", 10), F("v/big", 150), F("v/b", 10), F("w", 95)]
-    batches = bm.plan_batches(files, 100, margin=0.9)
+    batches = bp.plan_batches(files, 100, margin=0.9)
     assert paths_of(batches) == [["p", "v/a", "v/b"], ["v/big"], ["w"]]
     assert batches[1].oversize and batches[1].needed_space == 167     # ceil(150 / 0.9)
     assert not batches[0].oversize and batches[0].needed_space == 0
@@ -244,27 +244,27 @@ def test_oversize_file_is_pulled_out_and_its_folder_kept_together():
 
 def test_oversize_files_first_and_in_a_row():
     files = [F("big1", 500), F("big2", 300), F("x", 10), F("big3", 200)]
-    batches = bm.plan_batches(files, 100)
+    batches = bp.plan_batches(files, 100)
     assert paths_of(batches) == [["big1"], ["big2"], ["x"], ["big3"]]
     assert [b.oversize for b in batches] == [True, True, False, True]
 
 
 def test_zero_size_and_exact_fit_files():
     files = [F("e0", 0), F("full", 100), F("e1", 0), F("e2", 0)]
-    batches = bm.plan_batches(files, 100)
+    batches = bp.plan_batches(files, 100)
     check_plan(files, batches, 100)
     assert [b.total_bytes for b in batches] == [100]
 
 
 def test_folder_split_in_the_listing_is_still_planned_in_order():
     files = [F("a/1", 40), F("b/1", 40), F("a/2", 40), F("a/3", 10)]
-    batches = bm.plan_batches(files, 100)
+    batches = bp.plan_batches(files, 100)
     check_plan(files, batches, 100)
 
 
 def test_empty_listing():
-    assert bm.plan_batches([], 100) == []
-    assert "no files" in bm.format_plan([], 100)
+    assert bp.plan_batches([], 100) == []
+    assert "no files" in bp.format_plan([], 100)
 
 
 @pytest.mark.parametrize("seed", range(300))
@@ -274,7 +274,7 @@ def test_random_listings_keep_every_invariant(seed):
     files = random_listing(rng, capacity)
     min_fill = rng.choice([0.0, 0.3, 0.5, 0.8, 1.0])
     extra = rng.choice([0, 0, 1, None])
-    batches = bm.plan_batches(files, capacity, margin=0.9, min_fill=min_fill, extra_batches=extra)
+    batches = bp.plan_batches(files, capacity, margin=0.9, min_fill=min_fill, extra_batches=extra)
     check_plan(files, batches, capacity, 0.9, min_fill)
     if extra == 0:
         assert sum(not b.oversize for b in batches) == regular_greedy_count(files, capacity)
@@ -283,18 +283,18 @@ def test_random_listings_keep_every_invariant(seed):
 # ---------------------------------------------------------------- capacity and errors
 
 def test_batch_capacity():
-    assert bm.batch_capacity(10 * TB, 0.95) == 9_500_000_000_000
-    assert bm.batch_capacity(1000, 1) == 1000
-    assert bm.batch_capacity(1001, 0.9) == 900
-    assert bm.needed_disk_space(900, 0.9) == 1000
-    assert bm.needed_disk_space(901, 0.9) == 1002
+    assert bp.batch_capacity(10 * TB, 0.95) == 9_500_000_000_000
+    assert bp.batch_capacity(1000, 1) == 1000
+    assert bp.batch_capacity(1001, 0.9) == 900
+    assert bp.needed_disk_space(900, 0.9) == 1000
+    assert bp.needed_disk_space(901, 0.9) == 1002
 
 
 @pytest.mark.parametrize("available, margin", [
     (0, 0.9), (-5, 0.9), (100, 0), (100, -0.1), (100, 1.01), (100, float("nan")), (1, 0.5)])
 def test_bad_capacity_arguments_raise_usage_error(available, margin):
     with pytest.raises(UsageError):
-        bm.batch_capacity(available, margin)
+        bp.batch_capacity(available, margin)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -302,21 +302,21 @@ def test_bad_capacity_arguments_raise_usage_error(available, margin):
     {"capacity": 10, "min_fill": 1.5}, {"capacity": 10, "extra_batches": -1}])
 def test_bad_plan_arguments_raise_usage_error(kwargs):
     with pytest.raises(UsageError):
-        bm.plan_batches([F("a", 1)], **kwargs)
+        bp.plan_batches([F("a", 1)], **kwargs)
 
 
 def test_bad_available_space_in_analysis_raises_usage_error():
     with pytest.raises(UsageError):
-        bm.analyze_files([F("a", 1)], available_space=0)
+        bp.analyze_files([F("a", 1)], available_space=0)
 
 
 # ---------------------------------------------------------------- records and summaries
 
 def test_batch_round_trips_through_json():
-    batch = bm.Batch(3, ("a/1", "a/2"), 60)
-    big = bm.Batch(4, ("v/big",), 150, oversize=True, needed_space=167)
+    batch = bp.Batch(3, ("a/1", "a/2"), 60)
+    big = bp.Batch(4, ("v/big",), 150, oversize=True, needed_space=167)
     for b in (batch, big):
-        assert bm.Batch.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+        assert bp.Batch.from_dict(json.loads(json.dumps(b.to_dict()))) == b
     assert (batch.file_count, batch.first_path, batch.last_path) == (2, "a/1", "a/2")
 
 
@@ -327,12 +327,12 @@ def test_batch_round_trips_through_json():
     {"number": 1, "paths": ["a", "b"], "total_bytes": 5, "oversize": True, "needed_space": 9}])
 def test_malformed_batch_record_is_metadata_error(record):
     with pytest.raises(MetadataError):
-        bm.Batch.from_dict(record)
+        bp.Batch.from_dict(record)
 
 
 def test_plan_summary_is_json_ready(big):
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
-    summary = bm.plan_summary(batches, CAPACITY)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
+    summary = bp.plan_summary(batches, CAPACITY)
     assert json.loads(json.dumps(summary)) == summary
     assert summary["file_count"] == 20_000
     assert summary["total_bytes"] == sum(f.size for f in big)
@@ -357,7 +357,7 @@ SMALL = [
 
 
 def test_analyze_small_listing():
-    a = bm.analyze_files(SMALL, available_space=100 * GIB, top_n=3)
+    a = bp.analyze_files(SMALL, available_space=100 * GIB, top_n=3)
     total = sum(f.size for f in SMALL)
     assert (a["file_count"], a["total_bytes"]) == (9, total)
     assert a["folders"] == [
@@ -390,21 +390,21 @@ def test_analyze_small_listing():
 
 
 def test_histogram_boundaries_are_binary():
-    a = bm.analyze_files([F("a", MIB - 1), F("b", MIB), F("c", 10 * MIB), F("d", GIB - 1),
+    a = bp.analyze_files([F("a", MIB - 1), F("b", MIB), F("c", 10 * MIB), F("d", GIB - 1),
                           F("e", GIB), F("f", 100 * GIB)])
     assert [h["files"] for h in a["histogram"]] == [1, 1, 1, 1, 1, 0, 1]
 
 
 def test_analyze_without_space_has_no_disks():
-    a = bm.analyze_files([])
+    a = bp.analyze_files([])
     assert a["file_count"] == 0 and "disks" not in a and a["largest"] == []
-    assert "0 files" in bm.format_analysis(a)
+    assert "0 files" in bp.format_analysis(a)
 
 
 # ---------------------------------------------------------------- formatting
 
 def test_format_analysis_reads_well(big):
-    text = bm.format_analysis(bm.analyze_files(big, available_space=DISK))
+    text = bp.format_analysis(bp.analyze_files(big, available_space=DISK))
     for heading in ("Top-level folders", "Extensions", "Largest files", "Size histogram",
                     "Disks of", ".parquet", "(root)", "raw/part-0/full.tar", ">= 100 GiB"):
         assert heading in text
@@ -412,8 +412,8 @@ def test_format_analysis_reads_well(big):
 
 
 def test_format_plan_table_is_aligned_and_marks_oversize(big):
-    batches = bm.plan_batches(big, CAPACITY, margin=MARGIN)
-    text = bm.format_plan(batches, CAPACITY)
+    batches = bp.plan_batches(big, CAPACITY, margin=MARGIN)
+    text = bp.format_plan(batches, CAPACITY)
     lines = text.splitlines()
     header, rule = lines[0], lines[1]
     rows = lines[2:2 + len(batches)]
@@ -421,12 +421,12 @@ def test_format_plan_table_is_aligned_and_marks_oversize(big):
     # Right-aligned number columns end at the same place on every row.
     size_end = header.index("size") + len("size")
     assert all(row[size_end - 1] != " " for row in rows)
-    marker = f"OVERSIZE: needs a {bm.format_size(bm.needed_disk_space(12 * TB, MARGIN))} disk"
+    marker = f"OVERSIZE: needs a {format_size(bp.needed_disk_space(12 * TB, MARGIN))} disk"
     assert sum(row.endswith(marker) for row in rows) == 3
     assert "20,000 files" in lines[-2] and "capacity" in lines[-2]
 
 
 def test_format_plan_shortens_long_paths():
     long = "data/" + "very-long-folder-name/" * 5 + "shard-00001.parquet"
-    text = bm.format_plan(bm.plan_batches([F(long, 1)], 10), 10)
+    text = bp.format_plan(bp.plan_batches([F(long, 1)], 10), 10)
     assert long not in text and "..." in text and "shard-00001.parquet" in text
