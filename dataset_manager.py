@@ -7,11 +7,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import quote
 
 from utils import (SCHEMA_VERSION, HFDError, HubError, MetadataError, UsageError, now_iso,
                    path_selected, read_json, safe_relpath, write_json_atomic)
+
+if TYPE_CHECKING:  # the real import is lazy (see the module docstring)
+    from huggingface_hub import HfApi
 
 REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -74,7 +78,7 @@ def validate_repo_id(repo_id: str) -> str:
 
 # ---------------------------------------------------------------- Hub access
 
-def _api(endpoint: str, token: str | None):
+def _api(endpoint: str, token: str | None) -> HfApi:
     from huggingface_hub import HfApi
     return HfApi(endpoint=endpoint, token=token if token else False,
                  library_name="hf-downloader")
@@ -104,6 +108,7 @@ def list_files(repo_id: str, repo_type: str, revision: str, endpoint: str,
                token: str | None, include: Iterable[str] | None = None,
                exclude: Iterable[str] | None = None) -> Listing:
     """Resolve the revision once, then list the tree at that commit (paged by the client)."""
+    from huggingface_hub import RepoFile
     commit = resolve_commit(repo_id, repo_type, revision, endpoint, token)
     files: list[RemoteFile] = []
     refused: list[tuple[str, str]] = []
@@ -111,7 +116,7 @@ def list_files(repo_id: str, repo_type: str, revision: str, endpoint: str,
         entries = _api(endpoint, token).list_repo_tree(
             repo_id, repo_type=repo_type, revision=commit, recursive=True)
         for entry in entries:
-            if not hasattr(entry, "blob_id"):      # a folder
+            if not isinstance(entry, RepoFile):      # a folder
                 continue
             try:
                 path = safe_relpath(entry.path)
@@ -136,9 +141,11 @@ class _hub_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Never swallows: our own errors and ^C pass through unchanged, the rest are translated.
         if exc is None or isinstance(exc, (HFDError, KeyboardInterrupt)):
-            return False
+            return
         raise _translate(exc, self) from exc
 
 

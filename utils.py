@@ -122,7 +122,7 @@ def now_iso() -> str:
 
 # ---------------------------------------------------------------- JSON
 
-def write_json_atomic(path: Path, data: Any, *, indent: int | None = 1) -> None:
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 1) -> None:
     """Write JSON so readers see the old file or the new one, never half of either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,8 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: Path, *, kind: dict | list = dict, default: Any = None) -> Any:
+def read_json(path: str | Path, *, kind: type[dict] | type[list] = dict,
+              default: Any = None) -> Any:
     """Read a JSON metadata file; a corrupt one is a MetadataError naming the file."""
     path = Path(path)
     try:
@@ -291,7 +292,8 @@ def new_hasher(kind: str, size: int) -> "hashlib._Hash":
     return hashlib.sha256() if kind == "sha256" else git_blob_hasher(size)
 
 
-def hash_file(path: Path, kind: str, size: int, *, start_hasher=None, offset: int = 0) -> str:
+def hash_file(path: Path, kind: str, size: int, *, start_hasher: hashlib._Hash | None = None,
+              offset: int = 0) -> str:
     """sha256 or git blob sha1 of a file, streamed in big chunks."""
     h = start_hasher or new_hasher(kind, size)
     with open(path, "rb") as f:
