@@ -13,6 +13,7 @@ import pytest
 
 import config
 import downloader
+import commands
 import main
 import system_monitor
 import task_manager
@@ -260,7 +261,7 @@ def test_exit_status_follows_the_stop_reason(stop, status, code, capsys) -> None
     # A reason text that would mislead any parsing of it: the table looks at `stop` only.
     result = downloader.RunResult(status=status, reason="interrupted: nothing to see", stop=stop,
                                   detail="2 MiB free")
-    assert main.report_exit("task_007", result) == code
+    assert commands.report_exit("task_007", result) == code
     err = capsys.readouterr().err
     if stop is StopReason.DISK_FULL:
         assert "error: stopped before the disk filled up (2 MiB free)" in err

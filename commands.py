@@ -1,0 +1,471 @@
+"""One handler per command: turn the parsed options into manager calls, render the result,
+return the exit status. Managers do the work (and take the task locks); render.py prints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import config
+import render
+from render import out, out_json, say
+from task_manager import StopReason, TaskStore, cancel, normalize_id
+from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_name
+
+if TYPE_CHECKING:
+    from argparse import Namespace
+
+log = logging.getLogger("hfdl")
+
+
+# ================================================================ helpers
+
+@dataclass(frozen=True)
+class RepoChoice:
+    """The repo named on the command line, checked: what to list and from where."""
+    repo_id: str
+    repo_type: str
+    revision: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+def repo_type_of(dataset: bool, repo_type: str | None) -> str:
+    if dataset and repo_type not in (None, "dataset"):
+        raise UsageError(f"--dataset conflicts with --repo-type {repo_type}")
+    return "dataset" if dataset else (repo_type or "model")
+
+
+def _repo_choice(args: Namespace) -> RepoChoice:
+    """The values that `_repo_args` added, checked."""
+    import dataset_manager
+    repo_id = dataset_manager.validate_repo_id(args.repo)
+    return RepoChoice(repo_id, repo_type_of(args.dataset, args.repo_type), args.revision,
+                      tuple(getattr(args, "include", ())), tuple(getattr(args, "exclude", ())))
+
+
+def _tool_flags(args: Namespace) -> dict[str, Any]:
+    """The values that `_tool_args` added, for downloader.options_from_config."""
+    return {"connections": args.connections, "jobs": args.jobs, "retries": args.retries,
+            "stall_timeout": args.stall_timeout}
+
+
+def _probe_endpoints(candidates: list[str], timeout: float) -> tuple[str | None, list[Any]]:
+    import system_monitor           # only when probing: psutil and requests are slow to import
+    return system_monitor.pick_endpoint(candidates, timeout=timeout)
+
+
+def endpoint_for(cfg: config.Config, task_endpoint: str | None = None) -> str:
+    """The endpoint to use (see config.resolve_endpoint); says so when it picked the mirror."""
+    endpoint, note = config.resolve_endpoint(cfg, task_endpoint, probe=_probe_endpoints)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return endpoint
+
+
+def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path:
+    return Path(os.path.abspath(local_dir or downloads_dir / repo_folder_name(repo_id)))
+
+
+def report_refused(listing: Any) -> None:
+    for name, why in listing.refused:
+        print(f"warning: skipped {name!r}: {why}", file=sys.stderr)
+        log.warning("refused a file name from the Hub: %r (%s)", name, why)
+
+
+_RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
+                "cancelled": ExitStatus.CANCELLED}
+_STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
+              StopReason.TERMINATED: ExitStatus.TERMINATED,
+              StopReason.DISK_FULL: ExitStatus.DISK_FULL,
+              StopReason.CANCELLED: ExitStatus.CANCELLED}
+
+
+def report_result(task_id: str, result: Any, as_json: bool) -> int:
+    render.run_result(task_id, result, as_json)
+    return report_exit(task_id, result)
+
+
+def report_exit(task_id: str, result: Any) -> int:
+    """The hint for a stopped or failed run, and its exit status."""
+    if result.stop is StopReason.DISK_FULL:
+        print(f"error: stopped before the disk filled up ({result.detail or result.reason}); "
+              f"{format_size(result.bytes_missing)} still to fetch", file=sys.stderr)
+        print(f"hint: free some space, then run 'python main.py resume {task_id}'",
+              file=sys.stderr)
+    elif result.stop in (StopReason.INTERRUPTED, StopReason.TERMINATED):
+        print(f"stopped; continue with 'python main.py resume {task_id}'", file=sys.stderr)
+    elif result.status == "failed":
+        print(f"hint: 'python main.py resume {task_id}' tries the failed files again",
+              file=sys.stderr)
+    if result.stop is not None:
+        return _STOP_EXIT[result.stop]
+    return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
+
+
+def _running_pid(store: Any, task_id: str) -> int | None:
+    return store.owner_pid(task_id) if store.is_locked(task_id) else None
+
+
+# ================================================================ handlers
+
+def cmd_download(args: Namespace, cfg: config.Config) -> int:
+    import dataset_manager as dm
+    import downloader
+    repo = _repo_choice(args)
+    endpoint = endpoint_for(cfg)
+    token = dm.hub_token()
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
+                            repo.include, repo.exclude)
+    report_refused(listing)
+    _require_files(listing, repo)
+    if args.dry_run:
+        render.file_listing(listing, args.json)
+        return ExitStatus.OK
+    local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
+                                     repo.include, repo.exclude, args.prune)
+    opts = downloader.options_from_config(cfg, **_tool_flags(args))
+    _announce(args.quiet, listing, local_dir, downloader.choose_tool(opts.tool), opts, endpoint)
+    outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
+                                       endpoint=endpoint, token=token, opts=opts,
+                                       reserve=cfg.get("disk_reserve"), log=log,
+                                       stream=sys.stderr, quiet=args.quiet)
+    dm.register(cfg.metadata_dir, listing)
+    _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
+    return report_result(outcome.task["id"], outcome.result, args.json)
+
+
+def _require_files(listing: Any, repo: RepoChoice) -> None:
+    if listing.files:
+        return
+    if repo.include or repo.exclude:
+        raise UsageError(f"no file of {repo.repo_id} matches the --include/--exclude filters",
+                         hint="check the patterns; 'download REPO --dry-run' lists the files")
+    raise HFDError(f"{repo.repo_id} has no files at {repo.revision}")
+
+
+def _announce(quiet: bool, listing: Any, local_dir: Path, tool: str, opts: Any,
+              endpoint: str) -> None:
+    say(quiet, f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}: "
+               f"{len(listing.files)} files, {format_size(listing.total_size)} -> {local_dir}")
+    say(quiet, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
+        f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
+
+
+def _report_sync(quiet: bool, commit: str, sync: Any, pruned: list[str]) -> None:
+    if sync is None:
+        return
+    say(quiet, f"new commit {commit[:12]}: {len(sync.added)} new, {len(sync.changed)} "
+               f"changed, {len(sync.removed)} removed upstream, {sync.unchanged} unchanged")
+    for path in sync.removed:
+        say(quiet, f"  removed upstream: {path}" +
+            (" (deleted)" if path in pruned else " (kept; --prune deletes it)"))
+
+
+def cmd_add_dataset(args: Namespace, cfg: config.Config) -> int:
+    import dataset_manager as dm
+    repo = _repo_choice(args)
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint_for(cfg),
+                            dm.hub_token())
+    entry = dm.register(cfg.metadata_dir, listing, args.description)
+    out(f"registered {repo.repo_type} {repo.repo_id} @ {listing.commit[:12]}: "
+        f"{entry['file_count']} files, {format_size(entry['total_size'])}")
+    return ExitStatus.OK
+
+
+def cmd_list_datasets(args: Namespace, cfg: config.Config) -> int:
+    import dataset_manager as dm
+    render.datasets(list(dm.load_registry(cfg.metadata_dir).values()), args.json)
+    return ExitStatus.OK
+
+
+def _live_tasks(metadata_dir: Path, status: str | None) -> list[dict]:
+    store = TaskStore(metadata_dir)
+    tasks = [store.live(t) for t in store.all().values()]
+    return [t for t in tasks if not status or t.get("status") == status]
+
+
+def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
+    render.task_list(_live_tasks(cfg.metadata_dir, args.status), args.json)
+    return ExitStatus.OK
+
+
+def cmd_status(args: Namespace, cfg: config.Config) -> int:
+    if not args.task:
+        render.task_list(_live_tasks(cfg.metadata_dir, None), args.json)
+        return ExitStatus.OK
+    store = TaskStore(cfg.metadata_dir)
+    task = store.live(store.get(normalize_id(args.task)))
+    render.status(task, _running_pid(store, task["id"]), args.json)
+    return ExitStatus.OK
+
+
+def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
+    from file_tracker import FileTracker
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+    rows = [{"filename": f.path, "expected_size": f.size, "lfs": f.lfs,
+             "expected_hash": f.expected_hash, **tracker.status[f.path]} for f in tracker.files
+            if args.files == "all" or tracker.status[f.path]["status"] == args.files]
+    shown = rows if args.limit == 0 else rows[:args.limit]
+    if args.json:
+        out_json({"task": render.task_row(task), "counts": tracker.counts, "files": shown})
+        return ExitStatus.OK
+    render.status(store.live(task), _running_pid(store, task["id"]), False)
+    render.files(rows, shown, tracker.counts)
+    return ExitStatus.OK
+
+
+def cmd_config(args: Namespace, cfg: config.Config) -> int:
+    render.settings(cfg.rows(), args.json)
+    return ExitStatus.OK
+
+
+def cmd_resume(args: Namespace, cfg: config.Config) -> int:
+    import dataset_manager as dm
+    import downloader
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    if task.get("kind") == "batch":          # continue the batch that was running
+        import batch_manager as bm
+        number, target = bm.resume_point(store, task["id"])
+        return _run_batch(cfg, store, task, number, target, args)
+
+    def announce(commit: str) -> None:
+        say(args.quiet, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
+                        f"{commit[:12]} -> {task['local_dir']}")
+
+    outcome = downloader.resume_task(
+        store, task["id"], endpoint=endpoint_for(cfg, task.get("endpoint")),
+        token=dm.hub_token(), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
+        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
+        on_start=announce)
+    return report_result(outcome.task["id"], outcome.result, args.json)
+
+
+def cmd_cancel(args: Namespace, cfg: config.Config) -> int:
+    outcome = cancel(
+        TaskStore(cfg.metadata_dir), args.task, args.wait,
+        on_asked=lambda tid, pid: out(f"asked {tid} (PID {pid or 'unknown'}) to stop..."))
+    tid = outcome.task_id
+    out(f"{tid} cancelled; its bytes are kept ('python main.py resume {tid}' continues it)")
+    return ExitStatus.OK
+
+
+def cmd_verify(args: Namespace, cfg) -> int:
+    import maintenance
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else None
+    paths = None
+    if task.get("kind") == "batch" or args.batch:
+        import batch_manager as bm
+        paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
+    report = maintenance.verify_task(store, task, local_dir or Path(task["local_dir"]),
+                                     paths=paths, quick=args.quick)
+    results, bad = report.results, report.bad
+    if args.json:
+        out_json({"task": task["id"], "ok": not bad, "checked": len(results),
+                  "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
+                            for r in results]})
+    else:
+        for r in results:
+            if r.verdict != "ok" or args.verbose:
+                out(f"{r.verdict.upper():14} {r.path}" + (f"  ({r.detail})" if r.detail else ""))
+        kind = "sizes" if args.quick else "sizes and hashes"
+        out(f"{task['id']}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
+        if bad:
+            out(f"{len(bad)} bad files were marked for download; "
+                f"'python main.py resume {task['id']}' fetches them again")
+    return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
+
+
+def cmd_clean(args: Namespace, cfg) -> int:
+    from maintenance import clean_tasks
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    wanted = {normalize_id(t) for t in args.tasks}
+    removed, running = clean_tasks(store, wanted, include_ended=args.all,
+                                   delete_files=args.delete_files)
+    for c in removed:
+        note = f", {c.files_deleted} files deleted" if c.files_deleted is not None else ""
+        out(f"removed {c.task_id} ({c.status}, {c.repo_id}){note}" + (f", {c.note}" if c.note else ""))
+    for tid in running:
+        out(f"skipped {tid}: it is running")
+    for tid in sorted(wanted - set(store.all()) - {c.task_id for c in removed}):
+        out(f"no task {tid}")
+    if not removed:
+        which = "completed" if not args.all else "completed, cancelled or failed"
+        out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))
+    elif not args.delete_files:
+        out("downloaded files were kept (--delete-files removes them)")
+    return ExitStatus.OK
+
+
+def cmd_fix_progress(args: Namespace, cfg) -> int:
+    import maintenance
+    from task_manager import TaskStore, normalize_id
+    store = TaskStore(cfg.metadata_dir)
+    if not store.index_ok():
+        ids = store.rebuild_index()
+        out(f"rebuilt {store.index} from {len(ids)} task folders")
+    import dataset_manager as dm
+    if not dm.registry_ok(cfg.metadata_dir):
+        count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())
+        out(f"rebuilt {dm.registry_path(cfg.metadata_dir)} with {count} repos from the tasks")
+    for tid in [normalize_id(t) for t in args.tasks] or sorted(store.all()):
+        fix = maintenance.fix_task(store, store.get(tid))
+        if fix.rebuilt:
+            out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
+        changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
+        out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
+            f"{fix.summary['files_total']} files complete, status {fix.status})")
+    return ExitStatus.OK
+
+
+def cmd_check_system(args: Namespace, cfg: config.Config) -> int:
+    import system_monitor
+    path = Path(args.path) if args.path else cfg.downloads_dir
+    report = system_monitor.check_system(path, size=args.size, reserve=cfg.get("disk_reserve"),
+                                         warn_percent=cfg.get("disk_warn_percent"),
+                                         endpoint=endpoint_for(cfg))
+    if args.json:
+        out_json(report.to_json())
+    else:
+        out(system_monitor.format_report(report))
+    return ExitStatus.OK if report.ok else ExitStatus.ERROR
+
+
+# ---------------------------------------------------------------- batches
+
+def _batch_listing(cfg: config.Config, repo: RepoChoice) -> tuple[Any, str]:
+    """List a repo for the batch and analysis commands (with the filters), and its endpoint."""
+    import dataset_manager as dm
+    endpoint = endpoint_for(cfg)
+    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint,
+                            dm.hub_token(), repo.include, repo.exclude)
+    report_refused(listing)
+    if not listing.files:
+        raise UsageError(f"no file of {repo.repo_id} matches the --include/--exclude filters"
+                         if repo.include or repo.exclude else f"{repo.repo_id} has no files")
+    return listing, endpoint
+
+
+def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
+    import batch_planner as bp
+    listing, _ = _batch_listing(cfg, _repo_choice(args))
+    analysis = bp.analyze_files(listing.files, available_space=args.available_space)
+    analysis.update({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
+                     "commit": listing.commit})
+    if args.json:
+        out_json(analysis)
+    else:
+        out(f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}")
+        out(bp.format_analysis(analysis))
+    return ExitStatus.OK
+
+
+def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[Any, Any]:
+    """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
+    import batch_manager as bm
+    repo = _repo_choice(args)
+    store = TaskStore(cfg.metadata_dir)
+    identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
+                                 repo.exclude, args.available_space, args.safety_margin)
+    choice = bm.plan_or_reuse(store, identity, lambda: _batch_listing(cfg, repo),
+                              target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id),
+                              cfg.metadata_dir)
+    if choice.reused:
+        say(args.quiet, f"reusing the plan of {choice.task['id']} "
+                        f"(pinned at {str(choice.task['commit'])[:12]})")
+    return store, choice
+
+
+def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
+    import batch_manager as bm
+    import batch_planner as bp
+    _, choice = _plan_or_reuse(args, cfg)
+    task, plan = choice.task, choice.plan
+    batches = bm.plan_batches_of(plan)
+    if args.output:
+        bm.write_plan_file(args.output, plan)
+    if args.json:
+        out_json({"task": task["id"], "commit": plan["commit"], "plan_id": plan["plan_id"],
+                  **bp.plan_summary(batches, plan["capacity"])})
+        return ExitStatus.OK
+    out(bp.format_plan(batches, plan["capacity"]))
+    out(f"plan saved as {task['id']} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
+        f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
+    out(f"next: python main.py batch-download {plan['repo_id']}"
+        + (" --dataset" if plan["repo_type"] == "dataset" else "")
+        + f" --available-space {args.available_space}   (or batch-continue {task['id']} 1)")
+    return ExitStatus.OK
+
+
+def cmd_batch_download(args: Namespace, cfg: config.Config) -> int:
+    store, choice = _plan_or_reuse(args, cfg)
+    return _run_batch(cfg, store, choice.task, 1, args.local_dir, args)
+
+
+def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
+    import batch_manager as bm
+    store = TaskStore(cfg.metadata_dir)
+    if args.task.endswith(".json") or os.path.isfile(args.task):
+        plan = bm.read_plan_file(args.task)
+        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan["repo_id"])
+        task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
+    else:
+        task = store.get(normalize_id(args.task))
+    return _run_batch(cfg, store, task, args.batch, args.local_dir, args)
+
+
+def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_dir: str | None,
+               args: Namespace) -> int:
+    """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
+    the flags of `_tool_args` and --json/--quiet."""
+    import batch_manager as bm
+    import dataset_manager as dm
+    import downloader
+    endpoint = endpoint_for(cfg, task.get("endpoint"))
+    target = Path(os.path.abspath(local_dir)) if local_dir else None
+    say(args.quiet, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
+                    f"{target or task['local_dir']}")
+    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=dm.hub_token(),
+                       opts=downloader.options_from_config(cfg, **_tool_flags(args)),
+                       reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
+                       quiet=args.quiet)
+    render.batch_run(task["id"], number, run, args.json)
+    if run.result.status == "completed" and number < run.batch_count:
+        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task['id']} "
+                        f"{number + 1}")
+    return report_exit(task["id"], run.result)
+
+
+def cmd_batch_status(args: Namespace, cfg: config.Config) -> int:
+    import batch_manager as bm
+    store = TaskStore(cfg.metadata_dir)
+    task = store.get(normalize_id(args.task))
+    rows = bm.batch_rows(store, task)
+    if args.json:
+        out_json({"task": task["id"], "status": store.live(task)["status"], "batches": rows})
+    else:
+        out(bm.format_batch_rows(task, rows))
+    return ExitStatus.OK
+
+
+HANDLERS: dict[str, Callable[[Namespace, config.Config], int]] = {
+    "download": cmd_download, "add-dataset": cmd_add_dataset, "list-datasets": cmd_list_datasets,
+    "list-tasks": cmd_list_tasks, "status": cmd_status, "task-detail": cmd_task_detail,
+    "config": cmd_config, "resume": cmd_resume, "cancel": cmd_cancel, "verify": cmd_verify,
+    "clean": cmd_clean, "fix-progress": cmd_fix_progress, "check-system": cmd_check_system,
+    "analyze-dataset": cmd_analyze_dataset, "plan-batch": cmd_plan_batch,
+    "batch-download": cmd_batch_download, "batch-continue": cmd_batch_continue,
+    "batch-status": cmd_batch_status,
+}
