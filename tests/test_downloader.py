@@ -21,7 +21,7 @@ import pytest
 import downloader
 from dataset_manager import Listing, RemoteFile
 from downloader import Options, RateGate, Run, Stopper, TaskTicker, WorkList, plan_work
-from file_tracker import FileState, FileTracker
+from file_tracker import FileTracker
 from progress import Progress
 from task_manager import StopReason, TaskStore
 from tools import Aria2Backend, ChildSet
@@ -48,12 +48,14 @@ F = remote("sub/model.bin", GOOD)
 @dataclass
 class Step:
     """One attempt: write `data` into the partial (replacing it, or appended), then raise `error`.
-    With `block`, first wait until it is set (a stop ends the wait as STOPPED)."""
+    With `block`, first wait until it is set (a stop ends the wait as STOPPED); with `stop_run`,
+    the run is stopped while the attempt is under way (a tool killed by Ctrl-C fails as it dies)."""
 
     data: bytes | None = None
     error: BaseException | None = None
     append: bool = False
     block: threading.Event | None = None
+    stop_run: bool = False
 
 
 class Scripted:
@@ -92,6 +94,8 @@ class Scripted:
             with open(path, "ab" if step.append else "wb") as fh:
                 fh.write(step.data)
             report(job.partial.bytes_on_disk())
+        if step.stop_run:
+            stop.set()
         if step.error is not None:
             raise step.error
         return None                                # the caller hashes the partial
@@ -315,6 +319,17 @@ def test_a_stopped_attempt_leaves_the_file_pending_with_its_partial(tmp_path: Pa
     assert partial_of(run).path.read_bytes() == GOOD[:100] and run.failures == []
 
 
+def test_a_failure_while_the_run_stops_is_no_failed_attempt(tmp_path: Path) -> None:
+    backend = Scripted(Step(GOOD[:100], FetchError("aria2c exited with status 7"), stop_run=True),
+                       Step(GOOD))
+    run = make_run(tmp_path, backend)
+    downloader.download_one(run, F)
+    assert backend.calls == 1
+    assert state(run)["status"] == "pending" and state(run)["attempts"] == 0
+    assert state(run)["error"] is None and run.failures == []
+    assert partial_of(run).path.read_bytes() == GOOD[:100]
+
+
 def test_a_run_already_stopped_does_not_fetch(tmp_path: Path) -> None:
     backend = Scripted()
     run = make_run(tmp_path, backend)
@@ -536,9 +551,19 @@ def test_stopper_keeps_the_first_reason() -> None:
 
 
 def _timed_wait(gate: RateGate, stop: threading.Event) -> float:
-    started = time.monotonic()
-    gate.wait(stop)
-    return time.monotonic() - started
+    """How long gate.wait took; a wait that never ends fails the test instead of hanging it."""
+    took: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        gate.wait(stop)
+        took.append(time.monotonic() - started)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(3.0)
+    assert took, "gate.wait did not return"
+    return took[0]
 
 
 def test_an_open_gate_does_not_wait() -> None:
