@@ -132,8 +132,8 @@ def listing(files: list[RemoteFile]) -> Listing:
     return Listing("org/repo", "model", "main", "c1" * 20, files)
 
 
-def make_run(tmp_path: Path, tool: Any, *, ranged: Any = None, files: list[RemoteFile] | None = None,
-             events: list[str] | None = None, **opts: Any) -> Run:
+def make_run(tmp_path: Path, tool: Any, *, ranged: Any = None,
+             files: list[RemoteFile] | None = None, events: list[str] | None = None, **opts: Any) -> Run:
     files = files or [F]
     tracker = FileTracker.create(tmp_path / "task", "task_001", listing(files), ENDPOINT)
     options = Options(**{"retries": 2, "retry_base": 0.001, **opts})
