@@ -133,7 +133,8 @@ def listing(files: list[RemoteFile]) -> Listing:
 
 
 def make_run(tmp_path: Path, tool: Any, *, ranged: Any = None,
-             files: list[RemoteFile] | None = None, events: list[str] | None = None, **opts: Any) -> Run:
+             files: list[RemoteFile] | None = None, events: list[str] | None = None,
+             **opts: Any) -> Run:
     files = files or [F]
     tracker = FileTracker.create(tmp_path / "task", "task_001", listing(files), ENDPOINT)
     options = Options(**{"retries": 2, "retry_base": 0.001, **opts})
