@@ -26,7 +26,7 @@ from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, ch
 from progress import Progress
 from task_manager import StopReason, TaskStore
 from tools import Aria2Backend, ChildSet, WgetBackend, choose_tool   # main: downloader.choose_tool
-from transfer import Backend, FailureKind, FetchError, Job, PythonBackend
+from transfer import FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, Job, PythonBackend
 from utils import Partial, format_size, safe_join
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
     except FetchError as exc:
         return exc
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in FULL_DISK_ERRNOS:
             raise
         return FetchError(str(exc), FailureKind.DISK_FULL)
     return None
@@ -293,7 +293,7 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
             progress.tick()
             _save_or_pause(tracker.maybe_save, stopper, log)
             if on_tick:
-                on_tick()
+                _save_or_pause(on_tick, stopper, log)     # it writes tasks.json
             if stopper.event.is_set():
                 children.kill_all()
                 _join_for(threads, 5.0)
@@ -324,7 +324,7 @@ def _save_or_pause(save: Callable[[], None], stopper: "Stopper", log) -> bool:
         save()
         return True
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in FULL_DISK_ERRNOS:
             raise
         log.warning("cannot save the task state: %s", exc.strerror)
         stopper.stop("disk_full", "no space left to save the task state")

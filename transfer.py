@@ -186,9 +186,13 @@ def short_error(exc: BaseException) -> str:
     return re.sub(r"<urllib3\.[^>]*>", "", line)[:200]
 
 
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)     # no space, or the user's quota is used up
+
+
 def write_error(exc: OSError) -> FetchError:
     return FetchError(f"write failed: {exc.strerror}",
-                      FailureKind.DISK_FULL if exc.errno == errno.ENOSPC else FailureKind.TRANSIENT)
+                      FailureKind.DISK_FULL if exc.errno in FULL_DISK_ERRNOS
+                      else FailureKind.TRANSIENT)
 
 
 # ================================================================ the python backend

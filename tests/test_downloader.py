@@ -288,9 +288,6 @@ def test_a_full_disk_stops_the_run_and_keeps_the_partial(tmp_path: Path,
     assert run.failures == [] and not final_of(run).exists()
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "_attempt maps only ENOSPC to DISK_FULL: a quota error (EDQUOT), which _save_or_pause treats "
-    "as a full disk, escapes download_one and the worker fails the file as an internal error"))
 def test_a_disk_quota_stops_the_run_like_a_full_disk(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD[:100], OSError(errno.EDQUOT, "Disk quota exceeded")))
     run = make_run(tmp_path, backend, retries=5)
@@ -511,10 +508,6 @@ class FullDiskStore(RecordingStore):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "run_downloads guards the tracker's saves with _save_or_pause, but not on_tick: a full disk "
-    "while TaskTicker updates tasks.json escapes the run as an OSError instead of stopping it "
-    "as disk_full"))
 def test_a_full_disk_while_publishing_counters_stops_the_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
