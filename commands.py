@@ -61,10 +61,17 @@ def _probe_endpoints(candidates: list[str], timeout: float) -> tuple[str | None,
 
 def endpoint_for(cfg: config.Config, task_endpoint: str | None = None) -> str:
     """The endpoint to use (see config.resolve_endpoint); says so when it picked the mirror."""
-    endpoint, note = config.resolve_endpoint(cfg, task_endpoint, probe=_probe_endpoints)
+    endpoint, note = config.resolve_endpoint(cfg, task_endpoint, probe=_probe_endpoints,
+                                             has_token=config.has_token())
     if note:
         print(f"note: {note}", file=sys.stderr)
     return endpoint
+
+
+def token_for(cfg: config.Config) -> str | None:
+    """The token, unless the endpoint was picked without the user naming it."""
+    import dataset_manager as dm
+    return dm.hub_token() if config.token_allowed(cfg) else None
 
 
 def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path:
@@ -118,7 +125,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     import downloader
     repo = _repo_choice(args)
     endpoint = endpoint_for(cfg)
-    token = dm.hub_token()
+    token = token_for(cfg)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
                             repo.include, repo.exclude)
     report_refused(listing)
@@ -171,7 +178,7 @@ def cmd_add_dataset(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     repo = _repo_choice(args)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint_for(cfg),
-                            dm.hub_token())
+                            token_for(cfg))
     entry = dm.register(cfg.metadata_dir, listing, args.description)
     out(f"registered {repo.repo_type} {repo.repo_id} @ {listing.commit[:12]}: "
         f"{entry['file_count']} files, {format_size(entry['total_size'])}")
@@ -243,7 +250,7 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
 
     outcome = downloader.resume_task(
         store, task["id"], endpoint=endpoint_for(cfg, task.get("endpoint")),
-        token=dm.hub_token(), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
+        token=token_for(cfg), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
         reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
         on_start=announce)
     return report_result(outcome.task["id"], outcome.result, args.json)
@@ -350,7 +357,7 @@ def _batch_listing(cfg: config.Config, repo: RepoChoice) -> tuple[Any, str]:
     import dataset_manager as dm
     endpoint = endpoint_for(cfg)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint,
-                            dm.hub_token(), repo.include, repo.exclude)
+                            token_for(cfg), repo.include, repo.exclude)
     report_refused(listing)
     if not listing.files:
         raise UsageError(f"no file of {repo.repo_id} matches the --include/--exclude filters"
@@ -437,7 +444,7 @@ def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_di
     target = Path(os.path.abspath(local_dir)) if local_dir else None
     say(args.quiet, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
                     f"{target or task['local_dir']}")
-    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=dm.hub_token(),
+    run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=token_for(cfg),
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
                        quiet=args.quiet)

@@ -177,28 +177,48 @@ Probe = Callable[[list[str], float], "tuple[str | None, Sequence[_Check]]"]
 PROBE_TIMEOUT = 5.0
 
 
-def resolve_endpoint(cfg: Config, task_endpoint: str | None = None, *,
-                     probe: Probe) -> tuple[str, str | None]:
+WITHHELD = "auto-detected, without the token"     # the endpoint's source when the token stays home
+
+
+def resolve_endpoint(cfg: Config, task_endpoint: str | None = None, *, probe: Probe,
+                     has_token: bool = False) -> tuple[str, str | None]:
     """The endpoint to use, and a note for the user when it switched to a mirror by itself.
 
     A configured endpoint wins; then the one the task last ran with; else, unless no_mirror, the
-    first of the mirror candidates that answers (mirror auto-detection), remembered in `cfg`."""
+    first of the mirror candidates that answers (mirror auto-detection), remembered in `cfg`.
+    A token only goes to an endpoint the user named (or the first candidate): with a token, an
+    endpoint chosen any other way is used without it (`token_allowed` says so)."""
     if cfg.endpoint_configured:
         return cfg.endpoint, None
-    if task_endpoint:
-        return task_endpoint, None
     candidates = list(cfg.get("mirror_candidates"))
+    if task_endpoint:
+        if has_token and task_endpoint.rstrip("/") != candidates[0]:
+            cfg.set("endpoint", task_endpoint, WITHHELD)
+            return task_endpoint, (f"the task ran on {task_endpoint}, which you did not name: "
+                                   f"your token is not sent there (name it with --endpoint "
+                                   f"{task_endpoint} to send it)")
+        return task_endpoint, None
     if cfg.get("no_mirror"):
         return candidates[0], None        # the primary endpoint, never switched away from
     chosen, checks = probe(candidates, PROBE_TIMEOUT)
     if chosen is None:
         return candidates[0], None
     note = None
+    source = "auto-detected"
     if chosen != candidates[0]:
         note = (f"{candidates[0]} did not answer ({checks[0].error}); using the mirror {chosen} "
                 f"(set HF_ENDPOINT or --endpoint to choose, --no-mirror to turn this off)")
-    cfg.set("endpoint", chosen, "auto-detected")
+        if has_token:
+            source = WITHHELD
+            note += (f"; your token is not sent to a mirror you did not name (name it with "
+                     f"--endpoint {chosen} to send it)")
+    cfg.set("endpoint", chosen, source)
     return chosen, note
+
+
+def token_allowed(cfg: Config) -> bool:
+    """False when the endpoint was picked by auto-detection and the token must stay home."""
+    return cfg.source("endpoint") != WITHHELD
 
 
 def token_source() -> str:
@@ -209,6 +229,11 @@ def token_source() -> str:
     if path.is_file() and path.stat().st_size > 0:
         return f"saved by 'hf auth login' ({path})"
     return "none (public repos only)"
+
+
+def has_token() -> bool:
+    """Whether a token is set (cheap: huggingface_hub is not imported)."""
+    return not token_source().startswith("none")
 
 
 def _token_path() -> Path:

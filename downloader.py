@@ -25,8 +25,10 @@ from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, ch
                           forget_missing)
 from progress import Progress
 from task_manager import StopReason, TaskStore
-from tools import Aria2Backend, ChildSet, WgetBackend, choose_tool   # main: downloader.choose_tool
-from transfer import FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, Job, PythonBackend
+from tools import (Aria2Backend, ChildSet, WgetBackend, choose_tool,  # main: downloader.choose_tool
+                   tool_link)
+from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
+                      PythonBackend)
 from utils import Partial, format_size, safe_join
 
 if TYPE_CHECKING:
@@ -144,17 +146,27 @@ class Run:
     log: logging.Logger
     gate: RateGate = field(default_factory=RateGate)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    sessions: HttpSessions = field(default_factory=HttpSessions)
+    token_files: int = 0           # files sent to python because they need the token
 
     def backend_for(self, job: Job) -> Backend:
         """The chosen tool, except for files it cannot fetch: both tools open every file with
         one plain GET (aria2c's first connection never sends Range, even when resuming with its
-        control file), which the CDN refuses above max_single_get."""
-        if not job.needs_ranges or self.tool is self.ranged:
+        control file), which the CDN refuses above max_single_get; and files that need the
+        token (tools.tool_link says which), which never leaves this process."""
+        if self.tool is self.ranged:
             return self.tool
-        self.log.warning("%s is bigger than %s: %s cannot fetch it in ranged requests only, so "
-                         "the python backend fetches it in parts", job.file.path,
-                         format_size(job.max_single_get), self.tool.name)
-        return self.ranged
+        if job.needs_ranges:
+            self.log.warning("%s is bigger than %s: %s cannot fetch it in ranged requests only, "
+                             "so the python backend fetches it in parts", job.file.path,
+                             format_size(job.max_single_get), self.tool.name)
+            return self.ranged
+        with contextlib.suppress(FetchError):    # else the tool's own attempt meets it again
+            job.link = tool_link(self.sessions, job, self.opts.stall_timeout) if job.token else ""
+            if job.link is None:
+                self.token_files += 1            # for one log line: a lost count is harmless
+                return self.ranged
+        return self.tool
 
 
 def make_job(run: Run, f: RemoteFile) -> Job:
@@ -309,6 +321,9 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
         for p in tracker.paths_in(FileState.DOWNLOADING):
             tracker.interrupted(p)
         _save_or_pause(tracker.save, stopper, log)
+    if run.token_files:
+        log.info("%d files that need the token went through python: %s never sees the token",
+                 run.token_files, chosen.name)
     after = tracker.summary()
     result = RunResult(status="", tool=tool, files_total=after["files_total"],
                        files_done=after["files_done"], files_failed=after["files_failed"],

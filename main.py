@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import config
 from commands import HANDLERS
-from utils import ExitStatus, HFDError, UsageError, parse_size
+from utils import ExitStatus, HFDError, HubError, UsageError, parse_size, strip_query
 
 log = logging.getLogger("hfdl")
 
@@ -239,12 +240,37 @@ def load_settings(args: argparse.Namespace) -> config.Config:
     return config.load_config(flags)
 
 
-class _NoTraceback(logging.Formatter):
+class _NoQuery(logging.Formatter):
+    """Lines whose URLs carry no query string: signed links must not be readable in a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return strip_query(super().format(record))
+
+
+class _NoTraceback(_NoQuery):
     """Console lines without the traceback: that goes to the log file (or --debug)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None,
                                                      "exc_text": None}))
+
+
+def _private_open(path: str, flags: int) -> int:
+    """Log files are ours alone (0600), also one a run before this rule made readable."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        pass
+    return fd
+
+
+class _PrivateLog(logging.handlers.RotatingFileHandler):
+    """The rotated log, every file of it created 0600."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_private_open)
 
 
 def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
@@ -257,13 +283,13 @@ def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     logging.raiseExceptions = False      # a full disk must not print "--- Logging error ---"
     path = Path(logs_dir) / "download.log"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5,
-                                                       encoding="utf-8")
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handler = _PrivateLog(path, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
     except OSError as exc:
         log.warning("cannot write the log at %s (%s); logging to stderr only", path, exc.strerror)
         return None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    handler.setFormatter(_NoQuery("%(asctime)s %(process)d %(levelname)s %(message)s"))
     log.addHandler(handler)
     return path
 
@@ -283,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     signal.signal(signal.SIGTERM, _on_sigterm)
     log_path = None
+    cfg: config.Config | None = None
     try:
         cfg = load_settings(args)
         log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
@@ -290,8 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(HANDLERS[args.command](args, cfg))
     except HFDError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        hint = exc.hint
+        if cfg is not None and not config.token_allowed(cfg) and isinstance(exc, HubError):
+            hint = (f"your token was not sent to {cfg.endpoint}, which you did not name; "
+                    f"to send it there, add --endpoint {cfg.endpoint}")
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         log.debug("error: %s", exc, exc_info=True)
         return int(exc.exit_status)
     except KeyboardInterrupt:

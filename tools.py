@@ -1,5 +1,8 @@
 """The external tools (aria2c, wget) behind transfer's Backend interface, and the one place
 that starts child processes: argv lists, no inherited token, killed with the run.
+
+The tools never see the token: they only get links that need none (a signed link on another
+origin, or any link when no token is set); the downloader sends the rest to the python backend.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
-                      auth_headers, resolve_location, retry_after_seconds, short_error)
+                      auth_headers, resolve_location, retry_after_seconds, same_origin,
+                      short_error, strip_query)
 from utils import ToolError, UsageError
 
 log = logging.getLogger("hfdl.tools")
@@ -153,9 +157,10 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def redact(text: str, token: str | None) -> str:
+    """Text fit for a log or a message: no token, no Bearer value, no signed query string."""
     if token:
         text = text.replace(token, "****")
-    return re.sub(r"(Bearer\s+)\S+", r"\1****", text)
+    return strip_query(re.sub(r"(Bearer\s+)\S+", r"\1****", text))
 
 
 def private_file(folder: Path, name: str, text: str) -> Path:
@@ -167,18 +172,64 @@ def private_file(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+TEMP_PREFIX = "hfdl-"
+
+
+def temp_folder(kind: str) -> Path:
+    """A private temp folder named after our pid, so a later run can tell a dead run's."""
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{kind}-{os.getpid()}-"))
+
+
+def remove_stale_temp() -> int:
+    """Remove the temp folders of our runs that died without cleaning up (kill -9): those of
+    this user whose pid is no longer alive. Returns how many were removed."""
+    removed = 0
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            m = re.fullmatch(rf"{TEMP_PREFIX}[a-z0-9]+-(\d+)-\w+", entry.name)
+            if not m or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid() or \
+                        not entry.is_dir(follow_symlinks=False):
+                    continue
+                os.kill(int(m.group(1)), 0)
+                continue                      # alive: another run's
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 # ================================================================ what the tools share
 
-def tool_url(sessions: HttpSessions, job: Job, stall_timeout: float) -> str:
-    """With a token, resolve redirects here so the tool never carries it to a CDN."""
+def tool_link(sessions: HttpSessions, job: Job, stall_timeout: float) -> str | None:
+    """The link a tool may be given, or None when the file needs the token (the endpoint
+    serves it itself): with a token, follow the endpoint's redirects here, with the token,
+    to a link on another origin (a signed CDN link), which needs none."""
     if not job.token:
         return job.url
     try:
-        return resolve_location(sessions.get(), job, timeout=min(30, stall_timeout))
+        url = resolve_location(sessions.get(), job, timeout=min(30, stall_timeout))
     except FetchError:
         raise
     except Exception as exc:
         raise FetchError(f"resolving the download link failed: {short_error(exc)}") from None
+    return None if same_origin(url, job.endpoint) else url
+
+
+def tool_url(sessions: HttpSessions, job: Job, stall_timeout: float) -> str:
+    """The link for this attempt: the one resolved ahead for the first, a fresh one after
+    (signed links expire)."""
+    url, job.link = job.link, None
+    url = url or tool_link(sessions, job, stall_timeout)
+    if url is None:       # the endpoint now serves it itself: only the python backend may
+        raise FetchError("the file now needs the token; it is left for the next run")
+    return url
 
 
 def probe_retry_after(sessions: HttpSessions, job: Job) -> float:
@@ -199,12 +250,16 @@ class Aria2Daemon:
 
     A process per file costs more than a small file takes to fetch, and loses aria2c's
     connection reuse; one daemon keeps both. Its RPC secret reaches it through a 0600 config
-    file, and the token only ever travels in RPC calls to 127.0.0.1, never on a command line."""
+    file, removed as soon as aria2c answers (it has read it), and nothing is sent to the port
+    before we have seen that the socket listening there is our child's. It never gets the
+    token: only links that need none."""
 
     def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
         import secrets
         self.secret = secrets.token_hex(16)
-        self.folder = Path(tempfile.mkdtemp(prefix="hfdl-aria2-"))    # removed by close()
+        if remove_stale_temp():
+            log.info("removed the temp folders of runs that died")
+        self.folder = temp_folder("aria2")       # removed once aria2c has read it, or by close()
         conf = private_file(self.folder, "aria2.conf", f"rpc-secret={self.secret}\n")
         self.port = _free_port()
         stall = stall_timeout
@@ -235,7 +290,10 @@ class Aria2Daemon:
         deadline = time.monotonic() + 10
         while True:
             try:
+                if not _listens_on(self.proc.pid, self.port):
+                    raise FetchError("not listening yet")
                 self.call("aria2.getVersion")
+                shutil.rmtree(self.folder, ignore_errors=True)    # the secret: read, not kept
                 return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -247,6 +305,10 @@ class Aria2Daemon:
                 time.sleep(0.05)
 
     def call(self, method: str, *params: Any) -> Any:
+        # Our child listening there (checked before the first call) keeps the port from anyone
+        # else while it lives: once it is gone, nothing more is sent.
+        if self.proc.poll() is not None:
+            raise FetchError("aria2c has stopped")
         self._ids += 1
         try:
             resp = self.http.post(f"http://127.0.0.1:{self.port}/jsonrpc", timeout=30, json={
@@ -270,6 +332,29 @@ class Aria2Daemon:
         self.proc.wait()
         self.output.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether every socket listening on 127.0.0.1:port (or any address) is held by `pid`, and
+    there is one: a local user who bound the port first must never get our RPC secret."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                addr, _, hexport = fields[1].partition(":")
+                if fields[3] == "0A" and int(hexport, 16) == port:    # 0A: LISTEN
+                    inodes.add(fields[9])
+    if not inodes:
+        return False
+    held = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    held.add(link[8:-1])
+    return inodes <= held
 
 
 def _free_port() -> int:
@@ -322,9 +407,6 @@ class Aria2Backend:
             # 1M: with bigger segments aria2c idles half its connections after the
             # redirect until the first segments finish (measured: 8.0 s -> 4.9 s, 1 GiB)
             "min-split-size": "1M"}
-        headers = [f"{k}: {v}" for k, v in auth_headers(url, job).items()]
-        if headers:
-            options["header"] = headers
         daemon = self.daemon()
         gid = daemon.call("aria2.addUri", [url], options)
         try:
@@ -397,22 +479,11 @@ class WgetBackend:
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
         url = tool_url(self.sessions, job, self.stall_timeout)
-        headers = auth_headers(url, job)
         # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
-        argv = ["wget", "--continue", "--no-iri", "--tries=1", "--server-response", "--no-verbose",
-                f"--timeout={int(max(5, self.stall_timeout))}",
-                f"--user-agent={USER_AGENT}", f"--output-document={job.partial.path}"]
-        if not headers:
-            self._run([argv[0], "--no-config", *argv[1:], "--", url], job, report, stop)
-            return None
-        # The token reaches wget through a private config file, never argv.
-        wgetrc = "".join(f"header = {name}: {value}\n" for name, value in headers.items())
-        folder = Path(tempfile.mkdtemp(prefix="hfdl-wget-"))
-        try:
-            config = private_file(folder, "wgetrc", wgetrc)
-            self._run([argv[0], f"--config={config}", *argv[1:], "--", url], job, report, stop)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        argv = ["wget", "--no-config", "--continue", "--no-iri", "--tries=1", "--server-response",
+                "--no-verbose", f"--timeout={int(max(5, self.stall_timeout))}",
+                f"--user-agent={USER_AGENT}", f"--output-document={job.partial.path}", "--", url]
+        self._run(argv, job, report, stop)
         return None
 
     def _run(self, argv: list[str], job: Job, report: Report, stop: threading.Event) -> None:

@@ -18,7 +18,8 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile
-from utils import HFDError, Partial, hash_file, new_hasher, read_json, write_json_atomic
+from utils import (HFDError, Partial, hash_file, new_hasher, read_json, strip_query,
+                   write_json_atomic)
 
 if TYPE_CHECKING:
     import hashlib
@@ -66,6 +67,7 @@ class Job:
     endpoint: str
     connections: int
     max_single_get: int
+    link: str | None = None        # a tokenless download link resolved ahead (see tools.tool_url)
 
     @property
     def needs_ranges(self) -> bool:
@@ -113,9 +115,12 @@ class HttpSessions:
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    # urllib3's parser, not urlsplit: they disagree on URLs such as http://a\\@b/, and the
+    # origin that counts is the one the HTTP client will connect to.
+    from urllib3.util import parse_url
+    parts = parse_url(url)
+    scheme = (parts.scheme or "").lower()
+    return scheme, (parts.host or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -127,6 +132,30 @@ def auth_headers(url: str, job: Job) -> dict[str, str]:
     if job.token and same_origin(url, job.endpoint):
         return {"Authorization": f"Bearer {job.token}"}
     return {}
+
+
+class Chain:
+    """The URLs of one request and its redirects, and whether the token may still go along:
+    never again once the chain has left the endpoint's origin, even if it comes back."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.url, self.left = job, job.url, False
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.left else auth_headers(self.url, self.job)
+
+    def follow(self, location: str) -> str:
+        """The next URL; refuses targets with user info or a backslash (parsers disagree on
+        where their host is)."""
+        from urllib3.util import parse_url
+        target = urljoin(self.url, location)
+        if "\\" in target or parse_url(target).auth or urlsplit(target).username is not None:
+            raise FetchError(f"refused a redirect to a suspicious URL ({strip_query(target)})",
+                             FailureKind.DENIED)
+        self.url = target
+        if not same_origin(target, self.job.endpoint):
+            self.left = True
+        return target
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -161,21 +190,21 @@ def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
 def resolve_location(session: "requests.Session", job: Job, timeout: float) -> str:
     """Follow the endpoint's redirects with HEAD, stopping at another origin (a CDN).
 
-    Used when a token is set, so that aria2c and wget get a URL whose origin decides
-    whether they may see the token, instead of following redirects with it themselves.
+    Used when a token is set: a link on another origin needs no token and can go to aria2c
+    or wget; a link on the endpoint's origin needs it, so the python backend fetches it.
     """
-    url = job.url
+    chain = Chain(job)
     for _ in range(10):
-        resp = session.head(url, headers=auth_headers(url, job), allow_redirects=False,
+        resp = session.head(chain.url, headers=chain.headers(), allow_redirects=False,
                             timeout=timeout)
         if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-            url = urljoin(url, resp.headers["Location"])
-            if not same_origin(url, job.endpoint):
-                return url
+            chain.follow(resp.headers["Location"])
+            if chain.left:
+                return chain.url
             continue
         if resp.status_code >= 400:
-            raise http_error(resp.status_code, url, resp.headers)
-        return url
+            raise http_error(resp.status_code, chain.url, resp.headers)
+        return chain.url
     raise FetchError("too many redirects")
 
 
@@ -183,7 +212,8 @@ def short_error(exc: BaseException) -> str:
     """The first line of an exception, without urllib3's object reprs."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
-    return re.sub(r"<urllib3\.[^>]*>", "", line)[:200]
+    line = re.sub(r"(url: [^\s?]*)\?\S*", r"\1", line)   # urllib3 names the path and query
+    return strip_query(re.sub(r"<urllib3\.[^>]*>", "", line))[:200]
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)     # no space, or the user's quota is used up
@@ -250,20 +280,20 @@ class PythonBackend:
     def _get(self, job: Job, headers: dict[str, str]) -> "requests.Response":
         """GET the resolve URL, following redirects ourselves so the token stays home."""
         import requests
-        url = job.url
+        chain = Chain(job)
         try:
             for _ in range(10):
-                resp = self.sessions.get().get(url, headers={**headers, **auth_headers(url, job)},
+                resp = self.sessions.get().get(chain.url, headers={**headers, **chain.headers()},
                                                stream=True, allow_redirects=False,
                                                timeout=(min(30, self.stall_timeout),
                                                         self.stall_timeout))
                 if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                    url = urljoin(url, resp.headers["Location"])
                     resp.close()
+                    chain.follow(resp.headers["Location"])
                     continue
                 if resp.status_code >= 400:
                     resp.close()
-                    raise http_error(resp.status_code, url, resp.headers)
+                    raise http_error(resp.status_code, chain.url, resp.headers)
                 return resp
         except requests.RequestException as exc:
             raise FetchError(short_error(exc)) from None

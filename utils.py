@@ -33,6 +33,12 @@ class ExitStatus(enum.IntEnum):
     TERMINATED = 143     # SIGTERM
 
 
+def strip_query(text: str) -> str:
+    """Text with the query strings of its URLs removed: signed links (Signature, Expires,
+    X-Amz-*) open gated files to whoever reads them, so none may reach a log."""
+    return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"<>]*)\?[^\s'\"<>]*", r"\1", text)
+
+
 # ---------------------------------------------------------------- errors
 
 class HFDError(Exception):

@@ -258,7 +258,7 @@ class RequestRecord:
 
 
 BODY_FAULTS = {"reset", "truncate", "corrupt", "stall"}
-FAULT_KINDS = BODY_FAULTS | {"status", "429", "expire"}
+FAULT_KINDS = BODY_FAULTS | {"status", "429", "expire", "redirect"}
 
 
 @dataclass
@@ -410,7 +410,8 @@ class FakeHub:
         """Arm a fault for repo files matching `path_glob`; it fires `count` times (None: forever).
 
         params: after_bytes (reset/truncate/stall; default half the body), status and where
-        ("resolve" | "cdn" | "any") for "status" and "429", retry_after for "429", seconds for "stall",
+        ("resolve" | "cdn" | "any") for "status", "429" and "redirect", location for "redirect" (a 302
+        there, as a hostile or broken server would send), retry_after for "429", seconds for "stall",
         at (absolute offset) for "corrupt", methods (default ("GET",)).
         """
         if kind not in FAULT_KINDS:
@@ -884,10 +885,13 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def _status_fault(self, path: str, stage: str) -> None:
-        fault = self.hub._take_fault(path, stage, self.command, {"status", "429"})
+        fault = self.hub._take_fault(path, stage, self.command, {"status", "429", "redirect"})
         if fault is None:
             return
         self.rec.fault = fault.kind
+        if fault.kind == "redirect":
+            self._send(302, [("Location", fault.params["location"])], b"", "text/plain")
+            raise _HandledError
         if fault.kind == "429":
             t = str(fault.params.get("retry_after", 1))
             self._error(429, None, "You have been rate-limited; you can retry this action in a few seconds.",
