@@ -235,7 +235,6 @@ def cmd_config(args: Namespace, cfg: config.Config) -> int:
 
 
 def cmd_resume(args: Namespace, cfg: config.Config) -> int:
-    import dataset_manager as dm
     import downloader
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
@@ -438,7 +437,6 @@ def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_di
     """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
     the flags of `_tool_args` and --json/--quiet."""
     import batch_manager as bm
-    import dataset_manager as dm
     import downloader
     endpoint = endpoint_for(cfg, task.get("endpoint"))
     target = Path(os.path.abspath(local_dir)) if local_dir else None

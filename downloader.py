@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import logging
 import os
 import queue
