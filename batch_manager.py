@@ -8,10 +8,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batch_planner import Batch, batch_capacity, plan_batches, text_table
+from task_manager import Task, TaskState, TaskStore
 from utils import HFDError, MetadataError, UsageError, format_size
+
+if TYPE_CHECKING:       # at run time these are imported where used: they cost start-up time
+    import logging
+
+    from dataset_manager import Listing
+    from downloader import Options, RunResult
+    from file_tracker import FileTracker
 
 # ================================================================ the batch workflow (I/O)
 #
@@ -28,9 +36,9 @@ BATCH_STATES = ("pending", "downloading", "completed", "failed", "oversize")
 
 @dataclass
 class BatchRun:
-    task: dict
+    task: Task
     batch: Batch
-    result: Any                  # downloader.RunResult
+    result: RunResult
     warnings: list[str]
     target: str
     progress: dict[str, Any]
@@ -45,7 +53,7 @@ def batch_identity(repo_id: str, repo_type: str, revision: str, include: Sequenc
             "safety_margin": margin}
 
 
-def new_plan(listing: Any, available: int, margin: float) -> dict[str, Any]:
+def new_plan(listing: Listing, available: int, margin: float) -> dict[str, Any]:
     """A self-contained plan: the pinned listing and its batches."""
     import uuid
     from utils import SCHEMA_VERSION, now_iso
@@ -65,7 +73,7 @@ def plan_batches_of(plan: dict[str, Any]) -> list[Batch]:
     return [Batch.from_dict(b) for b in plan["batches"]]
 
 
-def plan_listing(plan: dict[str, Any]) -> Any:
+def plan_listing(plan: dict[str, Any]) -> Listing:
     """The plan's pinned listing, as dataset_manager.Listing."""
     from dataset_manager import Listing, RemoteFile
     try:
@@ -89,7 +97,7 @@ def write_plan_file(path: str, plan: dict[str, Any]) -> None:
     write_json_atomic(Path(path), {k: v for k, v in plan.items() if k != "state"}, indent=None)
 
 
-def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
+def load_task_plan(store: TaskStore, task_id: str) -> dict[str, Any]:
     from utils import read_json
     path = store.folder(task_id) / PLAN_FILE
     if not path.exists():
@@ -103,33 +111,33 @@ def load_task_plan(store: Any, task_id: str) -> dict[str, Any]:
     return plan
 
 
-def save_task_plan(store: Any, task_id: str, plan: dict[str, Any]) -> None:
+def save_task_plan(store: TaskStore, task_id: str, plan: dict[str, Any]) -> None:
     from utils import write_json_atomic
     write_json_atomic(store.folder(task_id) / PLAN_FILE, plan, indent=None)
 
 
-def open_batch_task(store: Any, identity: dict[str, Any], plan: dict[str, Any], local_dir: Path,
-                    endpoint: str) -> dict[str, Any]:
+def open_batch_task(store: TaskStore, identity: dict[str, Any], plan: dict[str, Any],
+                    local_dir: Path, endpoint: str) -> Task:
     """Create the task for a new plan: task record, file list and status, batch plan."""
     from file_tracker import FileTracker
     listing = plan_listing(plan)
     task = store.create({**identity, "plan_id": plan["plan_id"], "commit": plan["commit"],
                          "local_dir": str(local_dir), "batch_count": len(plan["batches"]),
                          "files_total": len(listing.files), "bytes_total": listing.total_size})
-    FileTracker.create(store.folder(task["id"]), task["id"], listing, endpoint)
-    save_task_plan(store, task["id"], plan)
+    FileTracker.create(store.folder(task.id), task.id, listing, endpoint)
+    save_task_plan(store, task.id, plan)
     return task
 
 
 @dataclass(frozen=True)
 class PlanChoice:
-    task: dict[str, Any]
+    task: Task
     plan: dict[str, Any]
     reused: bool                 # an existing task's plan (pinned at its commit), not a new one
 
 
-def plan_or_reuse(store: Any, identity: dict[str, Any],
-                  list_files: Callable[[], tuple[Any, str]], local_dir: Path,
+def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
+                  list_files: Callable[[], tuple[Listing, str]], local_dir: Path,
                   metadata_dir: Path) -> PlanChoice:
     """The batch task of the same repo, filters, space and margin; planned now if new.
 
@@ -137,7 +145,7 @@ def plan_or_reuse(store: Any, identity: dict[str, Any],
     is needed, so reusing a plan needs no network."""
     task = store.find(identity)
     if task is not None:
-        return PlanChoice(task, load_task_plan(store, task["id"]), True)
+        return PlanChoice(task, load_task_plan(store, task.id), True)
     import dataset_manager
     listing, endpoint = list_files()
     plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
@@ -146,15 +154,15 @@ def plan_or_reuse(store: Any, identity: dict[str, Any],
     return PlanChoice(task, plan, False)
 
 
-def resume_point(store: Any, task_id: str) -> tuple[int, str | None]:
+def resume_point(store: TaskStore, task_id: str) -> tuple[int, str | None]:
     """`resume` of a batch task: the batch that was running, and the target it was going to."""
     plan = load_task_plan(store, task_id)
     number = int(plan.get("current") or 1)
     return number, plan["state"].get(str(number), {}).get("target")
 
 
-def task_for_plan_file(store: Any, plan: dict[str, Any], local_dir: Path,
-                       endpoint: str) -> dict[str, Any]:
+def task_for_plan_file(store: TaskStore, plan: dict[str, Any], local_dir: Path,
+                       endpoint: str) -> Task:
     """batch-continue plan.json N: this machine's task for that plan, created on first use."""
     task = store.find({"kind": "batch", "plan_id": plan["plan_id"]})
     if task is not None:
@@ -166,7 +174,7 @@ def task_for_plan_file(store: Any, plan: dict[str, Any], local_dir: Path,
 
 # ---------------------------------------------------------------- per-batch state
 
-def batch_progress(batch: Batch, tracker: Any) -> dict[str, Any]:
+def batch_progress(batch: Batch, tracker: FileTracker) -> dict[str, Any]:
     """Files and bytes done of one batch, and its state from its files' states."""
     states = [tracker.status[p]["status"] for p in batch.paths]
     done = sum(1 for s in states if s == "completed")
@@ -207,7 +215,7 @@ def read_marker(target: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker.get("batches"), list) else None
 
 
-def write_marker(target: Path, task: dict[str, Any], plan: dict[str, Any], number: int,
+def write_marker(target: Path, task: Task, plan: dict[str, Any], number: int,
                  state: str) -> str:
     """Record on the disk itself which task and batch it holds; returns the disk id."""
     import uuid
@@ -215,7 +223,7 @@ def write_marker(target: Path, task: dict[str, Any], plan: dict[str, Any], numbe
     marker = read_marker(target) or {"disk_id": uuid.uuid4().hex[:12], "batches": []}
     entries = [e for e in marker["batches"]
                if not (e.get("plan_id") == plan["plan_id"] and e.get("batch") == number)]
-    entries.append({"task_id": task["id"], "plan_id": plan["plan_id"], "batch": number,
+    entries.append({"task_id": task.id, "plan_id": plan["plan_id"], "batch": number,
                     "repo_id": plan["repo_id"], "commit": plan["commit"], "state": state,
                     "updated_at": now_iso()})
     marker["batches"] = sorted(entries, key=lambda e: (e.get("plan_id", ""), e.get("batch", 0)))
@@ -241,20 +249,20 @@ def get_batch(plan: dict[str, Any], number: int) -> Batch:
 
 # ---------------------------------------------------------------- running a batch
 
-def run_batch(store: Any, task: dict[str, Any], number: int, *, target: Path | None,
-              endpoint: str, token: str | None, opts: Any, reserve: int, log: Any,
-              stream: Any, quiet: bool = False) -> BatchRun:
+def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
+              endpoint: str, token: str | None, opts: Options, reserve: int,
+              log: logging.Logger, stream: TextIO, quiet: bool = False) -> BatchRun:
     """Download batch N of a batch task onto whatever disk is at the target now."""
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
-    with store.lock(task["id"]):
-        plan = load_task_plan(store, task["id"])
+    with store.lock(task.id):
+        plan = load_task_plan(store, task.id)
         batch = get_batch(plan, number)
-        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
-        target = Path(target or task["local_dir"])
+        tracker = FileTracker.load(store.folder(task.id), task.id)
+        target = Path(target or task.local_dir)
         warnings = [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
-                    f"files); finish it later with batch-continue {task['id']} {b.number}"
+                    f"files); finish it later with batch-continue {task.id} {b.number}"
                     for b in plan_batches_of(plan)[:number - 1]
                     for p in [batch_progress(b, tracker)] if p["state"] != "completed"]
         for w in warnings:
@@ -265,7 +273,7 @@ def run_batch(store: Any, task: dict[str, Any], number: int, *, target: Path | N
             plan["state"][str(number)] = {**disk_identity(target), "disk_id": disk_id,
                                           "started_at": now_iso(), "completed_at": None}
             plan["current"] = number
-            save_task_plan(store, task["id"], plan)
+            save_task_plan(store, task.id, plan)
 
         result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=token,
                                      opts=opts, reserve=reserve, log=log, stream=stream,
@@ -273,12 +281,12 @@ def run_batch(store: Any, task: dict[str, Any], number: int, *, target: Path | N
                                      before_start=mark_start)
         _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker)
-    return BatchRun(store.get(task["id"]), batch, result, warnings, str(target), progress,
+    return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,
                     len(plan["batches"]))
 
 
-def _finish_batch(store: Any, task: dict[str, Any], plan: dict[str, Any], batch: Batch,
-                  tracker: Any, target: Path, result: Any) -> None:
+def _finish_batch(store: TaskStore, task: Task, plan: dict[str, Any], batch: Batch,
+                  tracker: FileTracker, target: Path, result: RunResult) -> None:
     """Record the batch's outcome on the disk and in the plan; the task's state follows."""
     from utils import now_iso
     progress = batch_progress(batch, tracker)
@@ -287,22 +295,22 @@ def _finish_batch(store: Any, task: dict[str, Any], plan: dict[str, Any], batch:
         entry["completed_at"] = now_iso()
         if read_marker(target) is not None or target.exists():
             write_marker(target, task, plan, batch.number, "completed")
-    save_task_plan(store, task["id"], plan)
-    if result.status != "completed":
+    save_task_plan(store, task.id, plan)
+    if result.status is not TaskState.COMPLETED:
         return                          # paused, cancelled or failed: run_task said why
     batches = plan_batches_of(plan)
     left = [b.number for b in batches if batch_progress(b, tracker)["state"] != "completed"]
     if left:
-        store.update(task["id"], status="paused",
+        store.update(task.id, status=TaskState.PAUSED,
                      reason=f"batch {batch.number} of {len(batches)} done; next: batch-continue "
-                            f"{task['id']} {left[0]}")
+                            f"{task.id} {left[0]}")
 
 
-def batch_rows(store: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
+def batch_rows(store: TaskStore, task: Task) -> list[dict[str, Any]]:
     """batch-status: one row per batch, with where it went and whether that disk is here now."""
     from file_tracker import FileTracker
-    plan = load_task_plan(store, task["id"])
-    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+    plan = load_task_plan(store, task.id)
+    tracker = FileTracker.load(store.folder(task.id), task.id)
     rows = []
     for b in plan_batches_of(plan):
         where = plan["state"].get(str(b.number), {})
@@ -318,10 +326,10 @@ def batch_rows(store: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_batch_rows(task: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"{task['id']}: {task.get('repo_type')} {task.get('repo_id')} @ "
-             f"{str(task.get('commit'))[:12]}, {len(rows)} batches of at most "
-             f"{format_size(batch_capacity(task['available_space'], task['safety_margin']))}"]
+def format_batch_rows(task: Task, rows: list[dict[str, Any]]) -> str:
+    lines = [f"{task.id}: {task.repo_type} {task.repo_id} @ "
+             f"{str(task.commit)[:12]}, {len(rows)} batches of at most "
+             f"{format_size(batch_capacity(task.available_space or 0, task.safety_margin or 0.0))}"]
     table = []
     for r in rows:
         state = r["state"] + (f" (needs a {format_size(r['needed_space'])} disk)"
@@ -336,23 +344,23 @@ def format_batch_rows(task: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def batch_on_disk(store: Any, task: dict[str, Any], number: int | None,
+def batch_on_disk(store: TaskStore, task: Task, number: int | None,
                   local_dir: Path | None) -> tuple[list[str], Path]:
     """verify --batch N: the batch's files and its folder; the disk's marker must name it."""
-    if task.get("kind") != "batch":
-        raise UsageError(f"{task['id']} is not a batch task; verify it without --batch")
+    if task.kind != "batch":
+        raise UsageError(f"{task.id} is not a batch task; verify it without --batch")
     if not number:
-        raise UsageError(f"{task['id']} is a batch task: say which batch to check",
-                         hint=f"python main.py verify {task['id']} --batch N (batch-status "
+        raise UsageError(f"{task.id} is a batch task: say which batch to check",
+                         hint=f"python main.py verify {task.id} --batch N (batch-status "
                               f"shows the batches)")
-    plan = load_task_plan(store, task["id"])
+    plan = load_task_plan(store, task.id)
     batch = get_batch(plan, number)
     folder = Path(local_dir or plan["state"].get(str(number), {}).get("target")
-                  or task["local_dir"])
+                  or task.local_dir)
     if not marker_has(folder, plan, number):
         holds = ", ".join(f"batch {e.get('batch')} of {e.get('task_id')}"
                           for e in (read_marker(folder) or {}).get("batches", []))
-        raise HFDError(f"the disk at {folder} does not hold batch {number} of {task['id']} "
+        raise HFDError(f"the disk at {folder} does not hold batch {number} of {task.id} "
                        f"(it holds {holds or 'no batch of this tool'})",
                        hint="mount the disk of that batch there, or give its folder with "
                             "--local-dir")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import config
 import render
 from render import out, out_json, say
-from task_manager import StopReason, TaskStore, cancel, normalize_id
+from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
 from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_name
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ def report_refused(listing: Any) -> None:
         log.warning("refused a file name from the Hub: %r (%s)", name, why)
 
 
-_RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
-                "cancelled": ExitStatus.CANCELLED}
+_RESULT_EXIT = {TaskState.COMPLETED: ExitStatus.OK, TaskState.FAILED: ExitStatus.FILES_FAILED,
+                TaskState.CANCELLED: ExitStatus.CANCELLED}
 _STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
               StopReason.TERMINATED: ExitStatus.TERMINATED,
               StopReason.DISK_FULL: ExitStatus.DISK_FULL,
@@ -99,7 +99,7 @@ def report_exit(task_id: str, result: Any) -> int:
               file=sys.stderr)
     elif result.stop in (StopReason.INTERRUPTED, StopReason.TERMINATED):
         print(f"stopped; continue with 'python main.py resume {task_id}'", file=sys.stderr)
-    elif result.status == "failed":
+    elif result.status is TaskState.FAILED:
         print(f"hint: 'python main.py resume {task_id}' tries the failed files again",
               file=sys.stderr)
     if result.stop is not None:
@@ -107,7 +107,7 @@ def report_exit(task_id: str, result: Any) -> int:
     return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
 
 
-def _running_pid(store: Any, task_id: str) -> int | None:
+def _running_pid(store: TaskStore, task_id: str) -> int | None:
     return store.owner_pid(task_id) if store.is_locked(task_id) else None
 
 
@@ -137,7 +137,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        stream=sys.stderr, quiet=args.quiet)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
-    return report_result(outcome.task["id"], outcome.result, args.json)
+    return report_result(outcome.task.id, outcome.result, args.json)
 
 
 def _require_files(listing: Any, repo: RepoChoice) -> None:
@@ -184,10 +184,10 @@ def cmd_list_datasets(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _live_tasks(metadata_dir: Path, status: str | None) -> list[dict]:
+def _live_tasks(metadata_dir: Path, status: str | None) -> list[Task]:
     store = TaskStore(metadata_dir)
     tasks = [store.live(t) for t in store.all().values()]
-    return [t for t in tasks if not status or t.get("status") == status]
+    return [t for t in tasks if not status or t.status.value == status]
 
 
 def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
@@ -201,7 +201,7 @@ def cmd_status(args: Namespace, cfg: config.Config) -> int:
         return ExitStatus.OK
     store = TaskStore(cfg.metadata_dir)
     task = store.live(store.get(normalize_id(args.task)))
-    render.status(task, _running_pid(store, task["id"]), args.json)
+    render.status(task, _running_pid(store, task.id), args.json)
     return ExitStatus.OK
 
 
@@ -209,7 +209,7 @@ def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
     from file_tracker import FileTracker
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+    tracker = FileTracker.load(store.folder(task.id), task.id)
     rows = [{"filename": f.path, "expected_size": f.size, "lfs": f.lfs,
              "expected_hash": f.expected_hash, **tracker.status[f.path]} for f in tracker.files
             if args.files == "all" or tracker.status[f.path]["status"] == args.files]
@@ -217,7 +217,7 @@ def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
     if args.json:
         out_json({"task": render.task_row(task), "counts": tracker.counts, "files": shown})
         return ExitStatus.OK
-    render.status(store.live(task), _running_pid(store, task["id"]), False)
+    render.status(store.live(task), _running_pid(store, task.id), False)
     render.files(rows, shown, tracker.counts)
     return ExitStatus.OK
 
@@ -232,21 +232,21 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     import downloader
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    if task.get("kind") == "batch":          # continue the batch that was running
+    if task.kind == "batch":          # continue the batch that was running
         import batch_manager as bm
-        number, target = bm.resume_point(store, task["id"])
+        number, target = bm.resume_point(store, task.id)
         return _run_batch(cfg, store, task, number, target, args)
 
     def announce(commit: str) -> None:
-        say(args.quiet, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
-                        f"{commit[:12]} -> {task['local_dir']}")
+        say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
+                        f"{commit[:12]} -> {task.local_dir}")
 
     outcome = downloader.resume_task(
-        store, task["id"], endpoint=endpoint_for(cfg, task.get("endpoint")),
+        store, task.id, endpoint=endpoint_for(cfg, task.endpoint),
         token=dm.hub_token(), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
         reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
         on_start=announce)
-    return report_result(outcome.task["id"], outcome.result, args.json)
+    return report_result(outcome.task.id, outcome.result, args.json)
 
 
 def cmd_cancel(args: Namespace, cfg: config.Config) -> int:
@@ -265,14 +265,14 @@ def cmd_verify(args: Namespace, cfg) -> int:
     task = store.get(normalize_id(args.task))
     local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else None
     paths = None
-    if task.get("kind") == "batch" or args.batch:
+    if task.kind == "batch" or args.batch:
         import batch_manager as bm
         paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
-    report = maintenance.verify_task(store, task, local_dir or Path(task["local_dir"]),
+    report = maintenance.verify_task(store, task, local_dir or Path(task.local_dir),
                                      paths=paths, quick=args.quick)
     results, bad = report.results, report.bad
     if args.json:
-        out_json({"task": task["id"], "ok": not bad, "checked": len(results),
+        out_json({"task": task.id, "ok": not bad, "checked": len(results),
                   "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
                             for r in results]})
     else:
@@ -280,10 +280,10 @@ def cmd_verify(args: Namespace, cfg) -> int:
             if r.verdict != "ok" or args.verbose:
                 out(f"{r.verdict.upper():14} {r.path}" + (f"  ({r.detail})" if r.detail else ""))
         kind = "sizes" if args.quick else "sizes and hashes"
-        out(f"{task['id']}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
+        out(f"{task.id}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
         if bad:
             out(f"{len(bad)} bad files were marked for download; "
-                f"'python main.py resume {task['id']}' fetches them again")
+                f"'python main.py resume {task.id}' fetches them again")
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
 
 
@@ -326,7 +326,7 @@ def cmd_fix_progress(args: Namespace, cfg) -> int:
             out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
         changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
         out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
-            f"{fix.summary['files_total']} files complete, status {fix.status})")
+            f"{fix.summary['files_total']} files complete, status {fix.status.value})")
     return ExitStatus.OK
 
 
@@ -383,8 +383,8 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[Any, Any]:
                               target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id),
                               cfg.metadata_dir)
     if choice.reused:
-        say(args.quiet, f"reusing the plan of {choice.task['id']} "
-                        f"(pinned at {str(choice.task['commit'])[:12]})")
+        say(args.quiet, f"reusing the plan of {choice.task.id} "
+                        f"(pinned at {str(choice.task.commit)[:12]})")
     return store, choice
 
 
@@ -397,15 +397,15 @@ def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     if args.output:
         bm.write_plan_file(args.output, plan)
     if args.json:
-        out_json({"task": task["id"], "commit": plan["commit"], "plan_id": plan["plan_id"],
+        out_json({"task": task.id, "commit": plan["commit"], "plan_id": plan["plan_id"],
                   **bp.plan_summary(batches, plan["capacity"])})
         return ExitStatus.OK
     out(bp.format_plan(batches, plan["capacity"]))
-    out(f"plan saved as {task['id']} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
+    out(f"plan saved as {task.id} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
         f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
     out(f"next: python main.py batch-download {plan['repo_id']}"
         + (" --dataset" if plan["repo_type"] == "dataset" else "")
-        + f" --available-space {args.available_space}   (or batch-continue {task['id']} 1)")
+        + f" --available-space {args.available_space}   (or batch-continue {task.id} 1)")
     return ExitStatus.OK
 
 
@@ -426,26 +426,26 @@ def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
     return _run_batch(cfg, store, task, args.batch, args.local_dir, args)
 
 
-def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_dir: str | None,
+def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, local_dir: str | None,
                args: Namespace) -> int:
     """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
     the flags of `_tool_args` and --json/--quiet."""
     import batch_manager as bm
     import dataset_manager as dm
     import downloader
-    endpoint = endpoint_for(cfg, task.get("endpoint"))
+    endpoint = endpoint_for(cfg, task.endpoint)
     target = Path(os.path.abspath(local_dir)) if local_dir else None
-    say(args.quiet, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
-                    f"{target or task['local_dir']}")
+    say(args.quiet, f"{task.id}: batch {number} of {'?' if task.batch_count is None else task.batch_count} -> "
+                    f"{target or task.local_dir}")
     run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=dm.hub_token(),
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
                        quiet=args.quiet)
-    render.batch_run(task["id"], number, run, args.json)
-    if run.result.status == "completed" and number < run.batch_count:
-        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task['id']} "
+    render.batch_run(task.id, number, run, args.json)
+    if run.result.status is TaskState.COMPLETED and number < run.batch_count:
+        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task.id} "
                         f"{number + 1}")
-    return report_exit(task["id"], run.result)
+    return report_exit(task.id, run.result)
 
 
 def cmd_batch_status(args: Namespace, cfg: config.Config) -> int:
@@ -454,7 +454,7 @@ def cmd_batch_status(args: Namespace, cfg: config.Config) -> int:
     task = store.get(normalize_id(args.task))
     rows = bm.batch_rows(store, task)
     if args.json:
-        out_json({"task": task["id"], "status": store.live(task)["status"], "batches": rows})
+        out_json({"task": task.id, "status": store.live(task).status.value, "batches": rows})
     else:
         out(bm.format_batch_rows(task, rows))
     return ExitStatus.OK
