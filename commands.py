@@ -19,6 +19,8 @@ from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_nam
 if TYPE_CHECKING:
     from argparse import Namespace
 
+    from batch_manager import PlanChoice
+
 log = logging.getLogger("hfdl")
 
 
@@ -372,7 +374,7 @@ def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[Any, Any]:
+def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, PlanChoice]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
     repo = _repo_choice(args)
@@ -393,18 +395,18 @@ def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     import batch_planner as bp
     _, choice = _plan_or_reuse(args, cfg)
     task, plan = choice.task, choice.plan
-    batches = bm.plan_batches_of(plan)
+    batches = plan.batches
     if args.output:
         bm.write_plan_file(args.output, plan)
     if args.json:
-        out_json({"task": task.id, "commit": plan["commit"], "plan_id": plan["plan_id"],
-                  **bp.plan_summary(batches, plan["capacity"])})
+        out_json({"task": task.id, "commit": plan.commit, "plan_id": plan.plan_id,
+                  **bp.plan_summary(batches, plan.capacity)})
         return ExitStatus.OK
-    out(bp.format_plan(batches, plan["capacity"]))
-    out(f"plan saved as {task.id} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
-        f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
-    out(f"next: python main.py batch-download {plan['repo_id']}"
-        + (" --dataset" if plan["repo_type"] == "dataset" else "")
+    out(bp.format_plan(batches, plan.capacity))
+    out(f"plan saved as {task.id} ({plan.repo_type} {plan.repo_id} pinned at commit "
+        f"{plan.commit[:12]})" + (f"; also written to {args.output}" if args.output else ""))
+    out(f"next: python main.py batch-download {plan.repo_id}"
+        + (" --dataset" if plan.repo_type == "dataset" else "")
         + f" --available-space {args.available_space}   (or batch-continue {task.id} 1)")
     return ExitStatus.OK
 
@@ -419,7 +421,7 @@ def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
     store = TaskStore(cfg.metadata_dir)
     if args.task.endswith(".json") or os.path.isfile(args.task):
         plan = bm.read_plan_file(args.task)
-        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan["repo_id"])
+        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id)
         task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
     else:
         task = store.get(normalize_id(args.task))
@@ -435,8 +437,8 @@ def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, lo
     import downloader
     endpoint = endpoint_for(cfg, task.endpoint)
     target = Path(os.path.abspath(local_dir)) if local_dir else None
-    say(args.quiet, f"{task.id}: batch {number} of {'?' if task.batch_count is None else task.batch_count} -> "
-                    f"{target or task.local_dir}")
+    count = "?" if task.batch_count is None else task.batch_count
+    say(args.quiet, f"{task.id}: batch {number} of {count} -> {target or task.local_dir}")
     run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=dm.hub_token(),
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
