@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from argparse import Namespace
 
     from batch_manager import PlanChoice
+    from downloader import RunResult
 
 log = logging.getLogger("hfdl")
 
@@ -87,12 +88,12 @@ _STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
               StopReason.CANCELLED: ExitStatus.CANCELLED}
 
 
-def report_result(task_id: str, result: Any, as_json: bool) -> int:
+def report_result(task_id: str, result: RunResult, as_json: bool) -> int:
     render.run_result(task_id, result, as_json)
     return report_exit(task_id, result)
 
 
-def report_exit(task_id: str, result: Any) -> int:
+def report_exit(task_id: str, result: RunResult) -> int:
     """The hint for a stopped or failed run, and its exit status."""
     if result.stop is StopReason.DISK_FULL:
         print(f"error: stopped before the disk filled up ({result.detail or result.reason}); "

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from utils import format_size
 
 if TYPE_CHECKING:
+    from batch_manager import BatchRun
+    from downloader import RunResult
     from task_manager import Task
 
 
@@ -98,7 +100,7 @@ def files(rows: list[dict], shown: list[dict], counts: dict[str, int]) -> None:
         out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
 
 
-def batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
+def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
     for warning in run.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     p = run.progress
@@ -114,7 +116,7 @@ def batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
         out(f"  failed: {path}: {error}")
 
 
-def run_result(task_id: str, result: Any, as_json: bool) -> None:
+def run_result(task_id: str, result: RunResult, as_json: bool) -> None:
     """The outcome of a download or resume run (downloader.RunResult)."""
     if as_json:
         out_json({"task": task_id, "status": result.status.value, "reason": result.reason,

@@ -17,7 +17,7 @@ import commands
 import main
 import system_monitor
 import task_manager
-from task_manager import StopReason, TaskStore
+from task_manager import StopReason, TaskState, TaskStore
 from utils import ExitStatus, HFDError
 
 
@@ -241,7 +241,7 @@ def test_status_renders_without_calling_list_tasks(tmp_path: Path, capsys) -> No
 
 # ---------------------------------------------------------------- stop reasons
 
-def test_stopper_takes_strings_and_keeps_the_first_reason() -> None:
+def test_stopper_keeps_the_first_reason() -> None:
     stopper = downloader.Stopper()
     stopper.stop(StopReason.DISK_FULL, "1 MiB free")
     stopper.stop(StopReason.INTERRUPTED)
@@ -259,7 +259,7 @@ def test_stopper_takes_strings_and_keeps_the_first_reason() -> None:
 ])
 def test_exit_status_follows_the_stop_reason(stop, status, code, capsys) -> None:
     # A reason text that would mislead any parsing of it: the table looks at `stop` only.
-    result = downloader.RunResult(status=status, reason="interrupted: nothing to see", stop=stop,
+    result = downloader.RunResult(status=TaskState(status), reason="interrupted: nothing to see", stop=stop,
                                   detail="2 MiB free")
     assert commands.report_exit("task_007", result) == code
     err = capsys.readouterr().err
