@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import config
 import render
 from render import out, out_json, say
-from task_manager import StopReason, TaskStore, cancel, normalize_id
+from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
 from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_name
 
 if TYPE_CHECKING:
     from argparse import Namespace
+
+    from batch_manager import PlanChoice
+    from downloader import RunResult
 
 log = logging.getLogger("hfdl")
 
@@ -84,20 +87,20 @@ def report_refused(listing: Any) -> None:
         log.warning("refused a file name from the Hub: %r (%s)", name, why)
 
 
-_RESULT_EXIT = {"completed": ExitStatus.OK, "failed": ExitStatus.FILES_FAILED,
-                "cancelled": ExitStatus.CANCELLED}
+_RESULT_EXIT = {TaskState.COMPLETED: ExitStatus.OK, TaskState.FAILED: ExitStatus.FILES_FAILED,
+                TaskState.CANCELLED: ExitStatus.CANCELLED}
 _STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
               StopReason.TERMINATED: ExitStatus.TERMINATED,
               StopReason.DISK_FULL: ExitStatus.DISK_FULL,
               StopReason.CANCELLED: ExitStatus.CANCELLED}
 
 
-def report_result(task_id: str, result: Any, as_json: bool) -> int:
+def report_result(task_id: str, result: RunResult, as_json: bool) -> int:
     render.run_result(task_id, result, as_json)
     return report_exit(task_id, result)
 
 
-def report_exit(task_id: str, result: Any) -> int:
+def report_exit(task_id: str, result: RunResult) -> int:
     """The hint for a stopped or failed run, and its exit status."""
     if result.stop is StopReason.DISK_FULL:
         print(f"error: stopped before the disk filled up ({result.detail or result.reason}); "
@@ -106,7 +109,7 @@ def report_exit(task_id: str, result: Any) -> int:
               file=sys.stderr)
     elif result.stop in (StopReason.INTERRUPTED, StopReason.TERMINATED):
         print(f"stopped; continue with 'python main.py resume {task_id}'", file=sys.stderr)
-    elif result.status == "failed":
+    elif result.status is TaskState.FAILED:
         print(f"hint: 'python main.py resume {task_id}' tries the failed files again",
               file=sys.stderr)
     if result.stop is not None:
@@ -114,7 +117,7 @@ def report_exit(task_id: str, result: Any) -> int:
     return _RESULT_EXIT.get(result.status, ExitStatus.ERROR)
 
 
-def _running_pid(store: Any, task_id: str) -> int | None:
+def _running_pid(store: TaskStore, task_id: str) -> int | None:
     return store.owner_pid(task_id) if store.is_locked(task_id) else None
 
 
@@ -144,7 +147,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        stream=sys.stderr, quiet=args.quiet)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
-    return report_result(outcome.task["id"], outcome.result, args.json)
+    return report_result(outcome.task.id, outcome.result, args.json)
 
 
 def _require_files(listing: Any, repo: RepoChoice) -> None:
@@ -191,10 +194,10 @@ def cmd_list_datasets(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _live_tasks(metadata_dir: Path, status: str | None) -> list[dict]:
+def _live_tasks(metadata_dir: Path, status: str | None) -> list[Task]:
     store = TaskStore(metadata_dir)
     tasks = [store.live(t) for t in store.all().values()]
-    return [t for t in tasks if not status or t.get("status") == status]
+    return [t for t in tasks if not status or t.status.value == status]
 
 
 def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
@@ -208,7 +211,7 @@ def cmd_status(args: Namespace, cfg: config.Config) -> int:
         return ExitStatus.OK
     store = TaskStore(cfg.metadata_dir)
     task = store.live(store.get(normalize_id(args.task)))
-    render.status(task, _running_pid(store, task["id"]), args.json)
+    render.status(task, _running_pid(store, task.id), args.json)
     return ExitStatus.OK
 
 
@@ -216,7 +219,7 @@ def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
     from file_tracker import FileTracker
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+    tracker = FileTracker.load(store.folder(task.id), task.id)
     rows = [{"filename": f.path, "expected_size": f.size, "lfs": f.lfs,
              "expected_hash": f.expected_hash, **tracker.status[f.path]} for f in tracker.files
             if args.files == "all" or tracker.status[f.path]["status"] == args.files]
@@ -224,7 +227,7 @@ def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
     if args.json:
         out_json({"task": render.task_row(task), "counts": tracker.counts, "files": shown})
         return ExitStatus.OK
-    render.status(store.live(task), _running_pid(store, task["id"]), False)
+    render.status(store.live(task), _running_pid(store, task.id), False)
     render.files(rows, shown, tracker.counts)
     return ExitStatus.OK
 
@@ -238,21 +241,21 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     import downloader
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    if task.get("kind") == "batch":          # continue the batch that was running
+    if task.kind == "batch":          # continue the batch that was running
         import batch_manager as bm
-        number, target = bm.resume_point(store, task["id"])
+        number, target = bm.resume_point(store, task.id)
         return _run_batch(cfg, store, task, number, target, args)
 
     def announce(commit: str) -> None:
-        say(args.quiet, f"resuming {task['id']}: {task['repo_type']} {task['repo_id']} @ "
-                        f"{commit[:12]} -> {task['local_dir']}")
+        say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
+                        f"{commit[:12]} -> {task.local_dir}")
 
     outcome = downloader.resume_task(
-        store, task["id"], endpoint=endpoint_for(cfg, task.get("endpoint")),
+        store, task.id, endpoint=endpoint_for(cfg, task.endpoint),
         token=token_for(cfg), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
         reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
         on_start=announce)
-    return report_result(outcome.task["id"], outcome.result, args.json)
+    return report_result(outcome.task.id, outcome.result, args.json)
 
 
 def cmd_cancel(args: Namespace, cfg: config.Config) -> int:
@@ -271,14 +274,14 @@ def cmd_verify(args: Namespace, cfg) -> int:
     task = store.get(normalize_id(args.task))
     local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else None
     paths = None
-    if task.get("kind") == "batch" or args.batch:
+    if task.kind == "batch" or args.batch:
         import batch_manager as bm
         paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
-    report = maintenance.verify_task(store, task, local_dir or Path(task["local_dir"]),
+    report = maintenance.verify_task(store, task, local_dir or Path(task.local_dir),
                                      paths=paths, quick=args.quick)
     results, bad = report.results, report.bad
     if args.json:
-        out_json({"task": task["id"], "ok": not bad, "checked": len(results),
+        out_json({"task": task.id, "ok": not bad, "checked": len(results),
                   "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
                             for r in results]})
     else:
@@ -286,10 +289,10 @@ def cmd_verify(args: Namespace, cfg) -> int:
             if r.verdict != "ok" or args.verbose:
                 out(f"{r.verdict.upper():14} {r.path}" + (f"  ({r.detail})" if r.detail else ""))
         kind = "sizes" if args.quick else "sizes and hashes"
-        out(f"{task['id']}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
+        out(f"{task.id}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
         if bad:
             out(f"{len(bad)} bad files were marked for download; "
-                f"'python main.py resume {task['id']}' fetches them again")
+                f"'python main.py resume {task.id}' fetches them again")
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
 
 
@@ -332,7 +335,7 @@ def cmd_fix_progress(args: Namespace, cfg) -> int:
             out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
         changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
         out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
-            f"{fix.summary['files_total']} files complete, status {fix.status})")
+            f"{fix.summary['files_total']} files complete, status {fix.status.value})")
     return ExitStatus.OK
 
 
@@ -378,7 +381,7 @@ def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[Any, Any]:
+def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, PlanChoice]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
     repo = _repo_choice(args)
@@ -389,8 +392,8 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[Any, Any]:
                               target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id),
                               cfg.metadata_dir)
     if choice.reused:
-        say(args.quiet, f"reusing the plan of {choice.task['id']} "
-                        f"(pinned at {str(choice.task['commit'])[:12]})")
+        say(args.quiet, f"reusing the plan of {choice.task.id} "
+                        f"(pinned at {str(choice.task.commit)[:12]})")
     return store, choice
 
 
@@ -399,19 +402,19 @@ def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     import batch_planner as bp
     _, choice = _plan_or_reuse(args, cfg)
     task, plan = choice.task, choice.plan
-    batches = bm.plan_batches_of(plan)
+    batches = plan.batches
     if args.output:
         bm.write_plan_file(args.output, plan)
     if args.json:
-        out_json({"task": task["id"], "commit": plan["commit"], "plan_id": plan["plan_id"],
-                  **bp.plan_summary(batches, plan["capacity"])})
+        out_json({"task": task.id, "commit": plan.commit, "plan_id": plan.plan_id,
+                  **bp.plan_summary(batches, plan.capacity)})
         return ExitStatus.OK
-    out(bp.format_plan(batches, plan["capacity"]))
-    out(f"plan saved as {task['id']} ({plan['repo_type']} {plan['repo_id']} pinned at commit "
-        f"{plan['commit'][:12]})" + (f"; also written to {args.output}" if args.output else ""))
-    out(f"next: python main.py batch-download {plan['repo_id']}"
-        + (" --dataset" if plan["repo_type"] == "dataset" else "")
-        + f" --available-space {args.available_space}   (or batch-continue {task['id']} 1)")
+    out(bp.format_plan(batches, plan.capacity))
+    out(f"plan saved as {task.id} ({plan.repo_type} {plan.repo_id} pinned at commit "
+        f"{plan.commit[:12]})" + (f"; also written to {args.output}" if args.output else ""))
+    out(f"next: python main.py batch-download {plan.repo_id}"
+        + (" --dataset" if plan.repo_type == "dataset" else "")
+        + f" --available-space {args.available_space}   (or batch-continue {task.id} 1)")
     return ExitStatus.OK
 
 
@@ -425,32 +428,32 @@ def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
     store = TaskStore(cfg.metadata_dir)
     if args.task.endswith(".json") or os.path.isfile(args.task):
         plan = bm.read_plan_file(args.task)
-        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan["repo_id"])
+        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id)
         task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
     else:
         task = store.get(normalize_id(args.task))
     return _run_batch(cfg, store, task, args.batch, args.local_dir, args)
 
 
-def _run_batch(cfg: config.Config, store: Any, task: dict, number: int, local_dir: str | None,
+def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, local_dir: str | None,
                args: Namespace) -> int:
     """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
     the flags of `_tool_args` and --json/--quiet."""
     import batch_manager as bm
     import downloader
-    endpoint = endpoint_for(cfg, task.get("endpoint"))
+    endpoint = endpoint_for(cfg, task.endpoint)
     target = Path(os.path.abspath(local_dir)) if local_dir else None
-    say(args.quiet, f"{task['id']}: batch {number} of {task.get('batch_count', '?')} -> "
-                    f"{target or task['local_dir']}")
+    count = "?" if task.batch_count is None else task.batch_count
+    say(args.quiet, f"{task.id}: batch {number} of {count} -> {target or task.local_dir}")
     run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=token_for(cfg),
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
                        quiet=args.quiet)
-    render.batch_run(task["id"], number, run, args.json)
-    if run.result.status == "completed" and number < run.batch_count:
-        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task['id']} "
+    render.batch_run(task.id, number, run, args.json)
+    if run.result.status is TaskState.COMPLETED and number < run.batch_count:
+        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task.id} "
                         f"{number + 1}")
-    return report_exit(task["id"], run.result)
+    return report_exit(task.id, run.result)
 
 
 def cmd_batch_status(args: Namespace, cfg: config.Config) -> int:
@@ -459,7 +462,7 @@ def cmd_batch_status(args: Namespace, cfg: config.Config) -> int:
     task = store.get(normalize_id(args.task))
     rows = bm.batch_rows(store, task)
     if args.json:
-        out_json({"task": task["id"], "status": store.live(task)["status"], "batches": rows})
+        out_json({"task": task.id, "status": store.live(task).status.value, "batches": rows})
     else:
         out(bm.format_batch_rows(task, rows))
     return ExitStatus.OK

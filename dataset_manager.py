@@ -16,6 +16,7 @@ from utils import (SCHEMA_VERSION, HFDError, HubError, MetadataError, UsageError
 
 if TYPE_CHECKING:  # the real import is lazy (see the module docstring)
     from huggingface_hub import HfApi
+    from task_manager import Task
 
 REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -254,17 +255,17 @@ def registry_ok(metadata_dir: Path) -> bool:
     return True
 
 
-def rebuild_registry(metadata_dir: Path, tasks: Iterable[dict[str, Any]]) -> int:
+def rebuild_registry(metadata_dir: Path, tasks: Iterable[Task]) -> int:
     """fix-progress: a corrupt datasets.json is rebuilt from the repos of the tasks."""
     datasets: dict[str, dict[str, Any]] = {}
-    for t in sorted(tasks, key=lambda t: t.get("id", "")):
-        if not t.get("repo_id") or t.get("repo_type") not in REPO_TYPES:
+    for t in sorted(tasks, key=lambda t: t.id):
+        if not t.repo_id or t.repo_type not in REPO_TYPES:
             continue
-        datasets[repo_key(t["repo_id"], t["repo_type"])] = {
-            "repo_id": t["repo_id"], "repo_type": t["repo_type"], "revision": t.get("revision"),
-            "commit": t.get("commit"), "file_count": t.get("files_total", 0),
-            "total_size": t.get("bytes_total", 0), "description": "",
-            "added_at": t.get("created_at"), "updated_at": now_iso()}
+        datasets[repo_key(t.repo_id, t.repo_type)] = {
+            "repo_id": t.repo_id, "repo_type": t.repo_type, "revision": t.revision,
+            "commit": t.commit, "file_count": t.files_total,
+            "total_size": t.bytes_total, "description": "",
+            "added_at": t.created_at, "updated_at": now_iso()}
     path = registry_path(metadata_dir)
     if path.exists():
         path.replace(path.with_name(path.name + ".corrupt"))

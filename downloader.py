@@ -17,13 +17,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from dataset_manager import RemoteFile, file_url
 from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
                           forget_missing)
 from progress import Progress
-from task_manager import StopReason, TaskStore
+from task_manager import StopReason, Task, TaskState, TaskStore
 from tools import (Aria2Backend, ChildSet, WgetBackend, choose_tool,  # main: downloader.choose_tool
                    tool_link)
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
@@ -49,7 +49,7 @@ class Options:
 
 @dataclass
 class RunResult:
-    status: str                     # completed | failed | paused | cancelled
+    status: TaskState               # completed, failed, paused or cancelled
     reason: str = ""                # shown and stored: "disk_full: 3 MiB free, ..."
     stop: StopReason | None = None  # why the run stopped early, if it did
     detail: str = ""                # what the stop reason was given (e.g. free space left)
@@ -84,9 +84,9 @@ class Stopper:
         self.reason: StopReason | None = None
         self.detail = ""
 
-    def stop(self, reason: StopReason | str, detail: str = "") -> None:
+    def stop(self, reason: StopReason, detail: str = "") -> None:
         if self.reason is None:
-            self.reason, self.detail = StopReason(reason), detail
+            self.reason, self.detail = reason, detail
         self.event.set()
 
 
@@ -238,7 +238,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
         if stop.is_set() or action is Action.PAUSE:
             break
         if action is Action.STOP_RUN:
-            run.stopper.stop("disk_full", str(error))
+            run.stopper.stop(StopReason.DISK_FULL, str(error))
             break
         if action is Action.DISCARD:
             job.partial.discard()
@@ -324,14 +324,14 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
         log.info("%d files that need the token went through python: %s never sees the token",
                  run.token_files, chosen.name)
     after = tracker.summary()
-    result = RunResult(status="", tool=tool, files_total=after["files_total"],
+    result = RunResult(status=TaskState.PENDING, tool=tool, files_total=after["files_total"],
                        files_done=after["files_done"], files_failed=after["files_failed"],
                        bytes_done=after["bytes_done"], bytes_fetched=progress.fetched,
                        elapsed=time.monotonic() - started, failures=run.failures)
     return result
 
 
-def _save_or_pause(save: Callable[[], None], stopper: "Stopper", log) -> bool:
+def _save_or_pause(save: Callable[[], object], stopper: Stopper, log: logging.Logger) -> bool:
     """Save the state; a full disk (ENOSPC) stops the run as disk_full instead of crashing it.
     The atomic writer leaves the previous file intact, and resume rebuilds from the disk."""
     try:
@@ -341,7 +341,7 @@ def _save_or_pause(save: Callable[[], None], stopper: "Stopper", log) -> bool:
         if exc.errno not in FULL_DISK_ERRNOS:
             raise
         log.warning("cannot save the task state: %s", exc.strerror)
-        stopper.stop("disk_full", "no space left to save the task state")
+        stopper.stop(StopReason.DISK_FULL, "no space left to save the task state")
         return False
 
 
@@ -353,14 +353,14 @@ def _join_for(threads: list[threading.Thread], seconds: float) -> None:
 
 # ================================================================ running a task
 
-_STOP_EXIT = {StopReason.INTERRUPTED: "paused", StopReason.TERMINATED: "paused",
-              StopReason.DISK_FULL: "paused", StopReason.CANCELLED: "cancelled"}
+_STOP_EXIT = {StopReason.INTERRUPTED: TaskState.PAUSED, StopReason.TERMINATED: TaskState.PAUSED,
+              StopReason.DISK_FULL: TaskState.PAUSED, StopReason.CANCELLED: TaskState.CANCELLED}
 
 
 @contextlib.contextmanager
 def stop_signals(stopper: Stopper):
     """Ctrl-C and SIGTERM stop the run cleanly (tools ended, state saved) instead of raising."""
-    handlers = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+    handlers = {signal.SIGINT: StopReason.INTERRUPTED, signal.SIGTERM: StopReason.TERMINATED}
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig, reason in handlers.items():
@@ -420,7 +420,7 @@ class TaskTicker:
 
     def __call__(self) -> None:
         if self.store.cancel_requested(self.task_id):
-            self.stopper.stop("cancelled")
+            self.stopper.stop(StopReason.CANCELLED)
         now = self.clock()
         if now - self._last >= self.every:
             summary = self.tracker.summary()
@@ -429,7 +429,7 @@ class TaskTicker:
             self._last, self._summary = now, summary
 
 
-def run_task(store: TaskStore, task: dict, tracker: FileTracker, *, endpoint: str,
+def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: str,
              token: str | None, opts: Options, reserve: int, log: logging.Logger,
              stream: TextIO, quiet: bool = False, todo: list[str] | None = None,
              local_dir: Path | None = None,
@@ -441,49 +441,49 @@ def run_task(store: TaskStore, task: dict, tracker: FileTracker, *, endpoint: st
     marker there)."""
     import system_monitor
     tool = choose_tool(opts.tool)
-    local_dir = Path(local_dir or task["local_dir"])
+    local_dir = Path(local_dir or task.local_dir)
     work = plan_work(tracker, local_dir, todo)
     if work.adopted:
-        log.info("%s: %d files found complete on disk", task["id"], work.adopted)
+        log.info("%s: %d files found complete on disk", task.id, work.adopted)
     if work.missing:
         log.warning("%s: %d completed files are no longer on disk; fetching them again",
-                    task["id"], work.missing)
+                    task.id, work.missing)
     for path in work.todo:           # a new run gives failed files a fresh set of tries
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
-    store.clear_cancel(task["id"])
+    store.clear_cancel(task.id)
     if work.todo:
         system_monitor.preflight(local_dir, reserve=reserve,
                                  needed=bytes_still_needed(tracker, local_dir, work.todo))
     if before_start:
         before_start()
     stopper = Stopper()
-    store.update(task["id"], status="running", reason="", tool=tool, pid=os.getpid(),
+    store.update(task.id, status=TaskState.RUNNING, reason="", tool=tool, pid=os.getpid(),
                  endpoint=endpoint, **tracker.summary())
-    log.info("%s: %s %s@%s, %d files to fetch with %s (-x %d -j %d)", task["id"],
-             task["repo_type"], task["repo_id"], tracker.meta["commit"], len(work.todo), tool,
+    log.info("%s: %s %s@%s, %d files to fetch with %s (-x %d -j %d)", task.id,
+             task.repo_type, task.repo_id, tracker.meta["commit"], len(work.todo), tool,
              opts.connections, opts.jobs)
 
     def on_low(usage: system_monitor.DiskUsage) -> None:
-        stopper.stop("disk_full", f"{format_size(usage.free)} free, "
+        stopper.stop(StopReason.DISK_FULL, f"{format_size(usage.free)} free, "
                                   f"{format_size(reserve)} kept in reserve")
 
-    result = RunResult(status="completed", tool=tool)
+    result = RunResult(status=TaskState.COMPLETED, tool=tool)
     with stop_signals(stopper), system_monitor.DiskGuard(local_dir, reserve, interval=2.0,
                                                          on_low=on_low):
         if work.todo:
             result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet,
-                                   on_tick=TaskTicker(store, task["id"], tracker, stopper))
+                                   on_tick=TaskTicker(store, task.id, tracker, stopper))
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
     return result
 
 
-def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stopper: Stopper,
-                log) -> RunResult:
+def finish_task(store: TaskStore, task: Task, tracker: FileTracker, result: RunResult,
+                stopper: Stopper, log: logging.Logger) -> RunResult:
     # files adopted from the disk without a download still need their state saved
     _save_or_pause(tracker.flush, stopper, log)
     summary = tracker.summary()
@@ -495,16 +495,17 @@ def finish_task(store, task: dict, tracker: FileTracker, result: RunResult, stop
         if stopper.detail:
             result.reason += f": {stopper.detail}"
     elif result.files_failed:
-        result.status = "failed"
+        result.status = TaskState.FAILED
         result.reason = f"{result.files_failed} of {result.files_total} files failed"
     else:
-        result.status = "completed"
-    store.clear_cancel(task["id"])
+        result.status = TaskState.COMPLETED
+    store.clear_cancel(task.id)
     _save_or_pause(lambda: store.update(
-        task["id"], status=result.status, reason=result.reason, pid=None,
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z") if result.status != "paused" else None,
+        task.id, status=result.status, reason=result.reason, pid=None,
+        finished_at=(time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                     if result.status is not TaskState.PAUSED else None),
         **summary), stopper, log)
-    log.info("%s: %s %s (%d/%d files, %d bytes fetched in %.1f s)", task["id"], result.status,
+    log.info("%s: %s %s (%d/%d files, %d bytes fetched in %.1f s)", task.id, result.status.value,
              result.reason, result.files_done, result.files_total, result.bytes_fetched,
              result.elapsed)
     return result
@@ -522,7 +523,7 @@ class DownloadRequest:
     exclude: tuple[str, ...] = ()
     prune: bool = False
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         return {"kind": "download", "repo_id": self.repo_id, "repo_type": self.repo_type,
                 "revision": self.revision, "local_dir": str(self.local_dir),
                 "include": list(self.include), "exclude": list(self.exclude)}
@@ -530,15 +531,15 @@ class DownloadRequest:
 
 @dataclass
 class DownloadOutcome:
-    task: dict
+    task: Task
     result: RunResult
-    sync: object | None = None            # file_tracker.SyncReport when the commit moved
+    sync: SyncReport | None = None        # when the commit moved
     pruned: list[str] = field(default_factory=list)
     resumed: bool = False
 
 
 def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
-              endpoint: str) -> tuple[dict, FileTracker, SyncReport | None]:
+              endpoint: str) -> tuple[Task, FileTracker, SyncReport | None]:
     """Find the task of the same download (resume it, syncing to a new commit) or create one.
     Internal to download_repo, which holds the lock of an existing task around it;
     returns (task, tracker, sync report)."""
@@ -546,9 +547,9 @@ def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
     if existing is None:
         task = store.create({**req.identity(), "commit": listing.commit,
                              "files_total": len(listing.files), "bytes_total": listing.total_size})
-        tracker = FileTracker.create(store.folder(task["id"]), task["id"], listing, endpoint)
+        tracker = FileTracker.create(store.folder(task.id), task.id, listing, endpoint)
         return task, tracker, None
-    tracker = FileTracker.load(store.folder(existing["id"]), existing["id"])
+    tracker = FileTracker.load(store.folder(existing.id), existing.id)
     sync = None
     if tracker.meta["commit"] != listing.commit:
         sync = tracker.sync(listing, endpoint)
@@ -556,10 +557,10 @@ def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
         # Until it runs (it may yet be refused for space), the record must not say "completed"
         # for a commit whose new files are missing.
         behind = summary["files_done"] < summary["files_total"] and \
-            existing.get("status") == "completed"
-        existing = store.update(existing["id"], commit=listing.commit, **summary,
-                                **({"status": "paused", "reason": "new commit: files to fetch"}
-                                   if behind else {}))
+            existing.status is TaskState.COMPLETED
+        existing = store.update(existing.id, commit=listing.commit, **summary,
+                                **({"status": TaskState.PAUSED,
+                                    "reason": "new commit: files to fetch"} if behind else {}))
     return existing, tracker, sync
 
 
@@ -607,9 +608,9 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
         system_monitor.preflight(req.local_dir, needed=_needed_for_new(req.local_dir, listing),
                                  reserve=reserve)
         task, tracker, sync = open_task(store, req, listing, endpoint)
-        lock_id = task["id"]
+        lock_id = task.id
     else:
-        lock_id = existing["id"]
+        lock_id = existing.id
     with store.lock(lock_id):
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)

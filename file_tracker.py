@@ -402,7 +402,8 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
         apply_checks(tracker, local_dir, [r], missing_ok=missing_ok)
         after = tracker.status[r.path]["status"]
         if after != before:
-            key = {"completed": "now_completed", "pending": "now_pending"}.get(after, "now_failed")
+            key = {FileState.COMPLETED.value: "now_completed",
+                   FileState.PENDING.value: "now_pending"}.get(after, "now_failed")
             changes[key] += 1
     return changes
 

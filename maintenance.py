@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Set
 
 from file_tracker import (CheckResult, FileTracker, apply_checks, check_files,
                           delete_local_files, reconcile_with_disk)
-from task_manager import ENDED, FINISHED, TaskState, TaskStore
+from task_manager import ENDED, FINISHED, Task, TaskState, TaskStore
 from utils import MetadataError, TaskLockedError
 
 
@@ -23,20 +23,19 @@ class VerifyReport:
     bad: list[CheckResult]
 
 
-def verify_task(store: TaskStore, task: dict[str, Any], local_dir: Path, *,
+def verify_task(store: TaskStore, task: Task, local_dir: Path, *,
                 paths: list[str] | None = None, quick: bool = False) -> VerifyReport:
     """verify: re-check files on disk; bad ones are marked so resume fetches them again."""
-    with store.lock(task["id"]):
-        task = store.get(task["id"])          # as it is now that nobody else can change it
-        tracker = FileTracker.load(store.folder(task["id"]), task["id"])
+    with store.lock(task.id):
+        task = store.get(task.id)             # as it is now that nobody else can change it
+        tracker = FileTracker.load(store.folder(task.id), task.id)
         paths = [f.path for f in tracker.files] if paths is None else paths
         results = check_files(tracker, local_dir, paths, quick=quick)
         bad = apply_checks(tracker, local_dir, results)
         tracker.save()
-        status = TaskState.FAILED.value if bad and task.get("status") == TaskState.COMPLETED.value \
-            else task.get("status")
-        store.update(task["id"], status=status,
-                     reason=f"verify: {len(bad)} bad files" if bad else task.get("reason", ""),
+        status = TaskState.FAILED if bad and task.status is TaskState.COMPLETED else task.status
+        store.update(task.id, status=status,
+                     reason=f"verify: {len(bad)} bad files" if bad else task.reason,
                      **tracker.summary())
     return VerifyReport(results, bad)
 
@@ -48,13 +47,13 @@ class FixReport:
     task_id: str
     changes: dict[str, int]
     summary: dict[str, int]
-    status: str
+    status: TaskState
     rebuilt: bool
 
 
-def fix_task(store: TaskStore, task: dict[str, Any]) -> FixReport:
+def fix_task(store: TaskStore, task: Task) -> FixReport:
     """fix-progress for one task: per-file states and counters from what is on disk."""
-    tid = task["id"]
+    tid = task.id
     with store.lock(tid):
         task = store.get(tid)
         rebuilt = False
@@ -63,15 +62,15 @@ def fix_task(store: TaskStore, task: dict[str, Any]) -> FixReport:
         except MetadataError:
             tracker, rebuilt = FileTracker.rebuild(store.folder(tid), tid), True
         # a batch task's other batches are on other disks: absent is expected there
-        changes = reconcile_with_disk(tracker, Path(task["local_dir"]),
-                                      missing_ok=task.get("kind") == "batch")
+        changes = reconcile_with_disk(tracker, Path(task.local_dir),
+                                      missing_ok=task.kind == "batch")
         tracker.save()
         summary = tracker.summary()
-        status = str(task.get("status"))
+        status = task.status
         if summary["files_done"] == summary["files_total"]:
-            status = TaskState.COMPLETED.value
-        elif status in (TaskState.RUNNING.value, TaskState.COMPLETED.value):
-            status = TaskState.PAUSED.value
+            status = TaskState.COMPLETED
+        elif status in (TaskState.RUNNING, TaskState.COMPLETED):
+            status = TaskState.PAUSED
         store.update(tid, status=status, pid=None, **summary)
     return FixReport(tid, changes, summary, status, rebuilt)
 
@@ -92,9 +91,10 @@ def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
     """Remove the records of finished tasks (and, if asked, their files).
     Returns what was removed and the ids skipped because they are running."""
     states = ENDED if include_ended else FINISHED
-    removed, running = [], []
+    removed: list[Cleaned] = []
+    running: list[str] = []
     for tid, task in sorted(store.all().items()):
-        if (wanted and tid not in wanted) or task.get("status") not in states:
+        if (wanted and tid not in wanted) or task.status not in states:
             continue
         try:
             with store.lock(tid):
@@ -107,17 +107,18 @@ def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
     return removed, running
 
 
-def _clean_one(store: TaskStore, tid: str, states: set[str], delete_files: bool) -> Cleaned | None:
+def _clean_one(store: TaskStore, tid: str, states: Set[TaskState],
+               delete_files: bool) -> Cleaned | None:
     """Remove one task; call with its lock held. None if it started again meanwhile."""
     task = store.all().get(tid)
-    if task is None or task.get("status") not in states:
+    if task is None or task.status not in states:
         return None
     deleted, note = None, ""
     if delete_files:
         try:
             tracker = FileTracker.load(store.folder(tid), tid)
-            deleted = delete_local_files(tracker, Path(task["local_dir"]))
+            deleted = delete_local_files(tracker, Path(task.local_dir))
         except MetadataError as exc:
             note = f"files not deleted ({exc})"
     store.remove(tid)
-    return Cleaned(tid, task.get("status", ""), task.get("repo_id", ""), deleted, note)
+    return Cleaned(tid, task.status.value, task.repo_id, deleted, note)

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from utils import format_size
+
+if TYPE_CHECKING:
+    from batch_manager import BatchRun
+    from downloader import RunResult
+    from task_manager import Task
 
 
 def out(text: str = "") -> None:
@@ -39,19 +44,20 @@ def file_listing(listing: Any, as_json: bool) -> None:
         f"({listing.total_size} bytes) at commit {listing.commit}")
 
 
-def task_row(t: dict) -> dict:
-    return {k: t.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id", "revision",
-                                  "commit", "local_dir", "files_done", "files_failed",
-                                  "files_total", "bytes_done", "bytes_total", "tool",
-                                  "created_at", "updated_at")}
+def task_row(t: Task) -> dict[str, Any]:
+    record = t.to_json()             # a key the record lacks shows as null, as it always did
+    return {k: record.get(k) for k in ("id", "status", "reason", "repo_type", "repo_id",
+                                       "revision", "commit", "local_dir", "files_done",
+                                       "files_failed", "files_total", "bytes_done",
+                                       "bytes_total", "tool", "created_at", "updated_at")}
 
 
-def _pct(t: dict) -> str:
-    total = t.get("bytes_total") or 0
-    return f"{100.0 * (t.get('bytes_done') or 0) / total:5.1f}%" if total else "  -  "
+def _pct(t: Task) -> str:
+    total = t.bytes_total
+    return f"{100.0 * t.bytes_done / total:5.1f}%" if total else "  -  "
 
 
-def task_list(tasks: list[dict], as_json: bool) -> None:
+def task_list(tasks: list[Task], as_json: bool) -> None:
     if as_json:
         out_json([task_row(t) for t in tasks])
         return
@@ -60,26 +66,25 @@ def task_list(tasks: list[dict], as_json: bool) -> None:
         return
     out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
     for t in tasks:
-        out(f"{t['id']:9} {t.get('status', '?'):10} {_pct(t):>6} "
-            f"{t.get('files_done', 0):>5}/{t.get('files_total', 0):<5} "
-            f"{format_size(t.get('bytes_total', 0)):>11}  {t.get('repo_id')}"
-            + (" (dataset)" if t.get("repo_type") == "dataset" else ""))
+        out(f"{t.id:9} {t.status.value:10} {_pct(t):>6} "
+            f"{t.files_done:>5}/{t.files_total:<5} "
+            f"{format_size(t.bytes_total):>11}  {t.repo_id}"
+            + (" (dataset)" if t.repo_type == "dataset" else ""))
 
 
-def status(task: dict, running_pid: int | None, as_json: bool) -> None:
+def status(task: Task, running_pid: int | None, as_json: bool) -> None:
     """One task (as TaskStore.live sees it) and the process running it, if any."""
     row = {**task_row(task), "running_pid": running_pid}
     if as_json:
         out_json(row)
         return
-    out(f"{task['id']}: {task.get('status')}" + (f" ({task['reason']})" if task.get("reason") else ""))
-    out(f"  repo:   {task.get('repo_type')} {task.get('repo_id')} @ {task.get('revision')} "
-        f"({str(task.get('commit'))[:12]})")
-    out(f"  folder: {task.get('local_dir')}")
-    out(f"  files:  {task.get('files_done', 0)}/{task.get('files_total', 0)} done, "
-        f"{task.get('files_failed', 0)} failed")
-    out(f"  bytes:  {format_size(task.get('bytes_done', 0))} / "
-        f"{format_size(task.get('bytes_total', 0))} ({_pct(task).strip()})")
+    out(f"{task.id}: {task.status.value}" + (f" ({task.reason})" if task.reason else ""))
+    out(f"  repo:   {task.repo_type} {task.repo_id} @ {task.revision} "
+        f"({str(task.commit)[:12]})")
+    out(f"  folder: {task.local_dir}")
+    out(f"  files:  {task.files_done}/{task.files_total} done, {task.files_failed} failed")
+    out(f"  bytes:  {format_size(task.bytes_done)} / "
+        f"{format_size(task.bytes_total)} ({_pct(task).strip()})")
     if running_pid:
         out(f"  running in PID {running_pid}")
 
@@ -95,15 +100,15 @@ def files(rows: list[dict], shown: list[dict], counts: dict[str, int]) -> None:
         out(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
 
 
-def batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
+def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
     for warning in run.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     p = run.progress
     if as_json:
-        out_json({"task": task_id, "batch": number, "status": run.result.status,
+        out_json({"task": task_id, "batch": number, "status": run.result.status.value,
                   "reason": run.result.reason, "target": run.target, **p})
         return
-    out(f"{task_id} batch {number}/{run.batch_count}: {run.result.status}"
+    out(f"{task_id} batch {number}/{run.batch_count}: {run.result.status.value}"
         + (f" ({run.result.reason})" if run.result.reason else "")
         + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
           f"{format_size(p['bytes_total'])} in {run.target}")
@@ -111,16 +116,16 @@ def batch_run(task_id: str, number: int, run: Any, as_json: bool) -> None:
         out(f"  failed: {path}: {error}")
 
 
-def run_result(task_id: str, result: Any, as_json: bool) -> None:
+def run_result(task_id: str, result: RunResult, as_json: bool) -> None:
     """The outcome of a download or resume run (downloader.RunResult)."""
     if as_json:
-        out_json({"task": task_id, "status": result.status, "reason": result.reason,
+        out_json({"task": task_id, "status": result.status.value, "reason": result.reason,
                   "files_total": result.files_total, "files_done": result.files_done,
                   "files_failed": result.files_failed, "bytes_done": result.bytes_done,
                   "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
                   "failures": [{"path": p, "error": e} for p, e in result.failures]})
         return
-    out(f"{task_id}: {result.status}" + (f" ({result.reason})" if result.reason else "") +
+    out(f"{task_id}: {result.status.value}" + (f" ({result.reason})" if result.reason else "") +
         f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
         f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
     for path, error in result.failures[:20]:

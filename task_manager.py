@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from utils import (SCHEMA_VERSION, HFDError, MetadataError, TaskLockedError, UsageError, now_iso,
                    read_json, write_json_atomic)
@@ -31,8 +32,142 @@ class StopReason(str, enum.Enum):
     DISK_FULL = "disk_full"
 
 
-FINISHED = {TaskState.COMPLETED.value}
-ENDED = {TaskState.COMPLETED.value, TaskState.CANCELLED.value, TaskState.FAILED.value}
+FINISHED = frozenset({TaskState.COMPLETED})
+ENDED = frozenset({TaskState.COMPLETED, TaskState.CANCELLED, TaskState.FAILED})
+
+
+# ================================================================ the task record
+
+_INT_FIELDS = frozenset({"files_total", "files_done", "files_failed", "bytes_total",
+                         "bytes_done"})
+_OPT_INT_FIELDS = frozenset({"pid", "batch_count", "available_space"})
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task record, as in tasks.json and tasks/<id>/task_metadata.json.
+
+    The JSON keeps exactly the keys it had (in their order): `json_keys` remembers them, so a
+    record written before a key existed is written back without it, and keys this version does
+    not know are carried in `extra` unchanged.
+    """
+
+    id: str
+    status: TaskState = TaskState.PENDING
+    reason: str = ""
+    kind: str | None = None                 # "download" or "batch"
+    repo_id: str = ""
+    repo_type: str = ""
+    revision: str | None = None
+    local_dir: str = ""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    commit: str | None = None
+    files_total: int = 0
+    files_done: int = 0
+    files_failed: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    tool: str | None = None
+    pid: int | None = None
+    endpoint: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    finished_at: str | None = None
+    plan_id: str | None = None              # batch tasks: the plan they run
+    batch_count: int | None = None
+    available_space: int | None = None
+    safety_margin: float | None = None
+    json_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path | str) -> Task:
+        """A record read from `source`; a wrong type is a MetadataError naming the file."""
+        if not isinstance(data, dict):
+            raise MetadataError(f"metadata file {source} has a task record that is not an object",
+                                hint=_INDEX_HINT)
+        known, extra = {}, {}
+        for key, value in data.items():
+            if key in _FIELDS:
+                try:
+                    known[key] = _convert(key, value)
+                except (TypeError, ValueError) as exc:
+                    raise MetadataError(f"metadata file {source}: task {data.get('id')!r} has a "
+                                        f"bad {key!r} ({exc})", hint=_INDEX_HINT) from None
+            else:
+                extra[key] = value
+        if "id" not in known:
+            raise MetadataError(f"metadata file {source} has a task record without an id",
+                                hint=_INDEX_HINT)
+        return cls(**known, json_keys=tuple(data), extra=extra)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON: the same keys, in the same order, as it was read or made with."""
+        out: dict[str, Any] = {}
+        for key in self.json_keys:
+            if key in _FIELDS:
+                value = getattr(self, key)
+                out[key] = (value.value if isinstance(value, TaskState)
+                            else list(value) if isinstance(value, tuple) else value)
+            else:
+                out[key] = self.extra[key]
+        return out
+
+    def changed(self, **fields: Any) -> Task:
+        """A copy with `fields` set (JSON values or typed ones); new keys go at the end."""
+        known = {k: _convert(k, v) for k, v in fields.items() if k in _FIELDS}
+        extra = {**self.extra, **{k: v for k, v in fields.items() if k not in _FIELDS}}
+        keys = self.json_keys + tuple(k for k in fields if k not in self.json_keys)
+        return dataclasses.replace(self, **known, json_keys=keys, extra=extra)
+
+    def matches(self, identity: Mapping[str, Any]) -> bool:
+        """Whether every item of `identity` (JSON values) is what this record says."""
+        record = self.to_json()
+        return all(record.get(k) == v for k, v in identity.items())
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Task)) - {"json_keys", "extra"}
+
+
+_STATE_VALUES = frozenset(s.value for s in TaskState)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _convert(key: str, value: Any) -> Any:
+    """A JSON value checked (and, for state and lists, converted) for the field `key`."""
+    if key == "id":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if key == "status":
+        if isinstance(value, TaskState):
+            return value
+        if value not in _STATE_VALUES:
+            raise ValueError(f"expected one of {', '.join(sorted(_STATE_VALUES))}, got {value!r}")
+        return TaskState(value)
+    if key in ("include", "exclude"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if key == "safety_margin":
+        ok, wanted = value is None or _is_number(value), "a number or null"
+    elif key in _INT_FIELDS:
+        ok, wanted = _is_int(value), "an integer"
+    elif key in _OPT_INT_FIELDS:
+        ok, wanted = value is None or _is_int(value), "an integer or null"
+    else:
+        ok, wanted = value is None or isinstance(value, str), "a string or null"
+    if not ok:
+        raise TypeError(f"expected {wanted}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -84,44 +219,46 @@ class TaskStore:
                                 hint=_INDEX_HINT)
         return data
 
-    def all(self) -> dict[str, dict[str, Any]]:
+    def all(self) -> dict[str, Task]:
         try:
-            return self._read_index()["tasks"]
+            records = self._read_index()["tasks"]
         except MetadataError as exc:
             raise MetadataError(str(exc), hint=_INDEX_HINT) from None
+        return {tid: Task.from_json(record, self.index) for tid, record in records.items()}
 
-    def get(self, task_id: str) -> dict[str, Any]:
+    def get(self, task_id: str) -> Task:
         task_id = normalize_id(task_id)
         task = self.all().get(task_id)
         if task is None:
             raise UsageError(f"no task {task_id}", hint="'python main.py list-tasks' shows the tasks")
         return task
 
-    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def create(self, spec: Mapping[str, Any]) -> Task:
         """Add a task with the next id (task_001, task_002, ...)."""
         with self._index_lock():
             data = self._read_index()
             number = max(int(data.get("next_id", 1)), _highest_id(data["tasks"]) + 1)
             task_id = f"task_{number:03d}"
             stamp = now_iso()
-            task = {"id": task_id, "status": TaskState.PENDING.value, "reason": "",
-                    "created_at": stamp, "updated_at": stamp, **spec}
-            data["tasks"][task_id] = task
+            task = Task.from_json({"id": task_id, "status": TaskState.PENDING.value,
+                                   "reason": "", "created_at": stamp, "updated_at": stamp,
+                                   **spec}, self.index)
+            data["tasks"][task_id] = task.to_json()
             data["next_id"] = number + 1
             self.folder(task_id).mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.index, data)
         self.write_metadata(task)
         return task
 
-    def update(self, task_id: str, **fields: Any) -> dict[str, Any]:
-        """Change fields of a task in tasks.json and task_metadata.json."""
+    def update(self, task_id: str, **fields: Any) -> Task:
+        """Change fields of a task in tasks.json and task_metadata.json; returns the new record."""
         with self._index_lock():
             data = self._read_index()
-            task = data["tasks"].get(task_id)
-            if task is None:
+            record = data["tasks"].get(task_id)
+            if record is None:
                 raise UsageError(f"no task {task_id}")
-            task.update(fields)
-            task["updated_at"] = now_iso()
+            task = Task.from_json(record, self.index).changed(**fields, updated_at=now_iso())
+            data["tasks"][task_id] = task.to_json()
             write_json_atomic(self.index, data)
         self.write_metadata(task)
         return task
@@ -133,11 +270,10 @@ class TaskStore:
             write_json_atomic(self.index, data)
         shutil.rmtree(self.folder(task_id), ignore_errors=True)
 
-    def find(self, identity: dict[str, Any]) -> dict[str, Any] | None:
-        """The newest task whose fields match every item of `identity`, if any."""
-        matches = [t for t in self.all().values()
-                   if all(t.get(k) == v for k, v in identity.items())]
-        return max(matches, key=lambda t: t["id"]) if matches else None
+    def find(self, identity: Mapping[str, Any]) -> Task | None:
+        """The newest task whose fields match every item of `identity` (JSON values), if any."""
+        matches = [t for t in self.all().values() if t.matches(identity)]
+        return max(matches, key=lambda t: t.id) if matches else None
 
     def rebuild_index(self) -> list[str]:
         """fix-progress: rebuild tasks.json from each task folder's task_metadata.json."""
@@ -150,6 +286,10 @@ class TaskStore:
                 except MetadataError:
                     continue
                 data.pop("schema_version", None)
+                try:
+                    Task.from_json(data, meta)
+                except MetadataError:
+                    continue            # a record of the wrong shape would break every command
                 if data.get("id") == meta.parent.name:
                     tasks[data["id"]] = data
             write_json_atomic(self.index, {"schema_version": SCHEMA_VERSION,
@@ -157,18 +297,18 @@ class TaskStore:
         return sorted(tasks)
 
     def index_ok(self) -> bool:
+        """Whether tasks.json reads, and every record in it has the right shape."""
         try:
-            self._read_index()
+            self.all()
         except MetadataError:
             return False
         return True
 
-    def live(self, task: dict[str, Any]) -> dict[str, Any]:
+    def live(self, task: Task) -> Task:
         """The task as it stands now: one recorded as running whose process is gone (kill -9,
         reboot) was interrupted."""
-        if task.get("status") == TaskState.RUNNING.value and not self.is_locked(task["id"]):
-            task = {**task, "status": TaskState.PAUSED.value,
-                    "reason": "interrupted (the process died)"}
+        if task.status is TaskState.RUNNING and not self.is_locked(task.id):
+            task = task.changed(status=TaskState.PAUSED, reason="interrupted (the process died)")
         return task
 
     # ------------------------------------------------------------ the task folder
@@ -180,9 +320,9 @@ class TaskStore:
     def paths(self, task_id: str) -> TaskPaths:
         return TaskPaths(self.folder(task_id))
 
-    def write_metadata(self, task: dict[str, Any]) -> None:
-        write_json_atomic(self.paths(task["id"]).metadata,
-                          {"schema_version": SCHEMA_VERSION, **task})
+    def write_metadata(self, task: Task) -> None:
+        write_json_atomic(self.paths(task.id).metadata,
+                          {"schema_version": SCHEMA_VERSION, **task.to_json()})
 
     # ------------------------------------------------------------ lock and cancel
 
@@ -275,8 +415,8 @@ def cancel(store: TaskStore, task_id: str, wait: float, *,
     """Cancel a task: a running one is asked to stop (through its cancel flag) and waited for
     up to `wait` seconds; an idle one is marked cancelled under its lock. Bytes are kept."""
     task = store.get(normalize_id(task_id))
-    tid = task["id"]
-    if task.get("status") == TaskState.COMPLETED.value:
+    tid = task.id
+    if task.status is TaskState.COMPLETED:
         raise HFDError(f"{tid} is already completed; nothing to cancel")
     if store.is_locked(tid):
         pid = store.owner_pid(tid)
@@ -293,7 +433,7 @@ def cancel(store: TaskStore, task_id: str, wait: float, *,
     try:
         with store.lock(tid):
             store.clear_cancel(tid)
-            store.update(tid, status=TaskState.CANCELLED.value, reason="cancelled by the user",
+            store.update(tid, status=TaskState.CANCELLED, reason="cancelled by the user",
                          pid=None)
     except TaskLockedError:
         raise HFDError(f"{tid} just started running; run cancel again") from None

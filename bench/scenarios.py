@@ -481,7 +481,7 @@ def _make_tasks(metadata: Path, count: int) -> None:
                              "revision": "main", "local_dir": f"/data/model-{i}", "include": [],
                              "exclude": [], "commit": f"{i:040x}", "files_total": 12,
                              "bytes_total": 5 << 30})
-        store.update(task["id"], status="completed", files_done=12, bytes_done=5 << 30, tool="aria2c")
+        store.update(task.id, status="completed", files_done=12, bytes_done=5 << 30, tool="aria2c")
 
 
 SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {

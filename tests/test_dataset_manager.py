@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import dataset_manager as dm
+from task_manager import Task
 from tests.fakehub import Content, FakeHub, FileData
 from utils import ExitStatus, HFDError, HubError, MetadataError, UsageError
 
@@ -273,7 +274,8 @@ def test_a_corrupt_registry_is_an_error_with_the_way_out(tmp_path: Path) -> None
     assert not dm.registry_ok(tmp_path)
     task = {"id": "task_001", "repo_id": "org/model", "repo_type": "model", "revision": "main",
             "commit": "c0ffee", "files_total": 3, "bytes_total": 10}
-    assert dm.rebuild_registry(tmp_path, [task, {"id": "task_002"}]) == 1
+    tasks = [Task.from_json(t, "tasks.json") for t in (task, {"id": "task_002"})]
+    assert dm.rebuild_registry(tmp_path, tasks) == 1
     assert dm.registry_ok(tmp_path)
     assert (tmp_path / "datasets.json.corrupt").read_text() == "{oops"
     assert json.loads(dm.registry_path(tmp_path).read_text())["datasets"]["model:org/model"][

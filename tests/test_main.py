@@ -17,7 +17,7 @@ import commands
 import main
 import system_monitor
 import task_manager
-from task_manager import StopReason, TaskStore
+from task_manager import StopReason, TaskState, TaskStore
 from utils import ExitStatus, HFDError
 
 
@@ -152,7 +152,7 @@ def test_resolve_endpoint_prefers_configured_then_task_then_no_probe() -> None:
 # ---------------------------------------------------------------- tasks and cancel
 
 def _task(store: TaskStore, **fields) -> str:
-    return store.create({"kind": "download", "repo_id": "gpt2", **fields})["id"]
+    return store.create({"kind": "download", "repo_id": "gpt2", **fields}).id
 
 
 class FakeClock:
@@ -173,8 +173,8 @@ def test_cancel_an_idle_task_marks_it_cancelled(tmp_path: Path) -> None:
     tid = _task(store)
     outcome = task_manager.cancel(store, "1", 5.0)
     assert outcome == task_manager.CancelOutcome(tid, False, None)
-    assert store.get(tid)["status"] == "cancelled"
-    assert store.get(tid)["reason"] == "cancelled by the user"
+    assert store.get(tid).status == "cancelled"
+    assert store.get(tid).reason == "cancelled by the user"
 
 
 def test_cancel_a_completed_task_is_refused(tmp_path: Path) -> None:
@@ -219,10 +219,10 @@ def test_live_says_a_dead_run_was_interrupted(tmp_path: Path) -> None:
     store = TaskStore(tmp_path / "metadata")
     tid = _task(store)
     task = store.update(tid, status="running")
-    assert store.live(task)["status"] == "paused"
-    assert store.live(task)["reason"] == "interrupted (the process died)"
+    assert store.live(task).status == "paused"
+    assert store.live(task).reason == "interrupted (the process died)"
     with store.lock(tid):
-        assert store.live(task)["status"] == "running"
+        assert store.live(task).status == "running"
 
 
 def test_status_renders_without_calling_list_tasks(tmp_path: Path, capsys) -> None:
@@ -241,9 +241,9 @@ def test_status_renders_without_calling_list_tasks(tmp_path: Path, capsys) -> No
 
 # ---------------------------------------------------------------- stop reasons
 
-def test_stopper_takes_strings_and_keeps_the_first_reason() -> None:
+def test_stopper_keeps_the_first_reason() -> None:
     stopper = downloader.Stopper()
-    stopper.stop("disk_full", "1 MiB free")
+    stopper.stop(StopReason.DISK_FULL, "1 MiB free")
     stopper.stop(StopReason.INTERRUPTED)
     assert stopper.reason is StopReason.DISK_FULL and stopper.detail == "1 MiB free"
     assert stopper.event.is_set()
@@ -259,7 +259,7 @@ def test_stopper_takes_strings_and_keeps_the_first_reason() -> None:
 ])
 def test_exit_status_follows_the_stop_reason(stop, status, code, capsys) -> None:
     # A reason text that would mislead any parsing of it: the table looks at `stop` only.
-    result = downloader.RunResult(status=status, reason="interrupted: nothing to see", stop=stop,
+    result = downloader.RunResult(status=TaskState(status), reason="interrupted: nothing to see", stop=stop,
                                   detail="2 MiB free")
     assert commands.report_exit("task_007", result) == code
     err = capsys.readouterr().err
