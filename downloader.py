@@ -84,7 +84,8 @@ class Stopper:
         self.reason: StopReason | None = None
         self.detail = ""
 
-    def stop(self, reason: StopReason, detail: str = "") -> None:
+    def stop(self, reason: StopReason | str, detail: str = "") -> None:
+        reason = StopReason(reason)          # a misspelt reason fails here, not in main's table
         if self.reason is None:
             self.reason, self.detail = reason, detail
         self.event.set()
