@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from dataset_manager import RemoteFile, file_url
+from hub_http import capped_wait
 from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
                           forget_missing)
 from progress import Progress
@@ -44,6 +45,7 @@ class Options:
     retry_base: float = 1.0
     max_single_get: int = 50 * 10**9
     progress_interval: float = 5.0
+    max_retry_wait: float = 600.0   # a 429's Retry-After never makes us wait longer
 
 
 @dataclass
@@ -96,9 +98,15 @@ class RateGate:
         self._until = 0.0
         self._lock = threading.Lock()
 
-    def close_for(self, seconds: float) -> None:
+    def close_for(self, seconds: float, cap: float = 600.0,
+                  log: logging.Logger | None = None) -> None:
+        """Wait `seconds` (as Retry-After asked, at most `cap`); says so once per closing."""
+        wait, line = capped_wait(seconds, cap)
         with self._lock:
-            self._until = max(self._until, time.monotonic() + seconds + 1)
+            was_open = self._until <= time.monotonic()
+            self._until = max(self._until, time.monotonic() + wait + 1)
+        if was_open and log is not None:
+            log.warning("%s", line)
 
     def wait(self, stop: threading.Event) -> None:
         while True:
@@ -232,7 +240,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
         if action is Action.DISCARD:
             job.partial.discard()
         if action is Action.WAIT:
-            run.gate.close_for(error.retry_after or 5.0)
+            run.gate.close_for(error.retry_after or 5.0, run.opts.max_retry_wait, run.log)
         final = action is Action.GIVE_UP or tries > run.opts.retries
         tracker.attempt_failed(f.path, str(error), final=final)
         run.log.warning("%s: attempt %d failed: %s", f.path, attempts + tries, error)
@@ -632,4 +640,5 @@ def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: in
     return Options(tool=cfg.get("tool"), connections=connections, jobs=jobs, retries=retries,
                    stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
                    max_single_get=cfg.get("max_single_get"),
-                   progress_interval=cfg.get("progress_interval"))
+                   progress_interval=cfg.get("progress_interval"),
+                   max_retry_wait=cfg.get("max_retry_wait"))
