@@ -593,18 +593,24 @@ def _needed_for_new(local_dir: Path, listing) -> int:
 def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, endpoint: str,
                   token: str | None, opts: Options, reserve: int, log: logging.Logger,
                   stream: TextIO, quiet: bool = False) -> DownloadOutcome:
-    """`download REPO`: find or create the task, take its lock, sync, run."""
-    existing = store.find(req.identity())
-    if existing is None:
-        # Refuse before creating anything: no task, no folder, no file.
-        import system_monitor
-        system_monitor.preflight(req.local_dir, needed=_needed_for_new(req.local_dir, listing),
-                                 reserve=reserve)
-        task, tracker, sync = open_task(store, req, listing, endpoint)
-        lock_id = task["id"]
-    else:
-        lock_id = existing["id"]
-    with store.lock(lock_id):
+    """`download REPO`: find or create the task, take its lock, sync, run.
+
+    Find-or-create and taking the task's lock happen under the store's creation lock: of two
+    processes started together, one creates the task and the other finds it held (exit 6),
+    or finished."""
+    with contextlib.ExitStack() as held:
+        with store.creation_lock():
+            existing = store.find(req.identity())
+            if existing is None:
+                # Refuse before creating anything: no task, no folder, no file.
+                import system_monitor
+                system_monitor.preflight(req.local_dir, reserve=reserve,
+                                         needed=_needed_for_new(req.local_dir, listing))
+                task, tracker, sync = open_task(store, req, listing, endpoint)
+                lock_id = task["id"]
+            else:
+                lock_id = existing["id"]
+            held.enter_context(store.lock(lock_id))
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:

@@ -75,6 +75,15 @@ class TaskStore:
         with FileLock(str(self.index) + ".lock", timeout=60):
             yield
 
+    @contextlib.contextmanager
+    def creation_lock(self) -> Iterator[None]:
+        """Held around find-or-create (and taking the new task's lock), so two processes
+        starting the same download never both create a task."""
+        from filelock import FileLock
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / "tasks.create.lock"), timeout=120):
+            yield
+
     def _read_index(self) -> dict[str, Any]:
         data = read_json(self.index, default={"schema_version": SCHEMA_VERSION, "next_id": 1,
                                               "tasks": {}})

@@ -136,3 +136,38 @@ def test_api_settings_in_config(cli):
     assert js["max_retry_wait"]["value"] in ("600", "600.0")
     r = cli("config", env={"HFDL_API_TIMEOUT": "soon"})
     assert r.code == 2 and "HFDL_API_TIMEOUT" in error_lines(r)[0]
+
+
+def test_twenty_downloads_of_one_repo_started_together_make_one_task(cli, hub, monkeypatch):
+    """All 20 processes are held at the tree listing and released at once, so they reach
+    find-or-create together; the files come slowly, so the first is still running."""
+    from tests import fakehub
+    files = {"a.bin": Content(150_000, 1), "b.bin": Content(150_000, 2), "c.txt": b"c" * 999}
+    hub.add_repo("org/m", files)
+    hub.bandwidth_per_conn = 150_000          # about a second per file
+    release = threading.Event()
+    waiting: list[int] = []
+    tree = fakehub._Handler._tree
+
+    def held_tree(self, *a, **kw):
+        waiting.append(1)          # the request is logged only once answered
+        release.wait(60)
+        return tree(self, *a, **kw)
+
+    monkeypatch.setattr(fakehub._Handler, "_tree", held_tree)
+    procs = [cli.popen("download", "org/m", "--tool", "python", "-q") for _ in range(20)]
+    try:
+        assert wait_for(lambda: len(waiting) >= 20, 60)
+    finally:
+        release.set()
+    codes = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        codes.append(p.returncode)
+        if p.returncode == 6:
+            assert "is being run by another process" in err, err
+    assert set(codes) <= {0, 6} and codes.count(0) >= 1, codes
+    tasks = json.loads((cli.metadata / "tasks.json").read_text())["tasks"]
+    assert list(tasks) == ["task_001"] and tasks["task_001"]["status"] == "completed"
+    assert_same_tree(cli.downloads / "org--m", files)
