@@ -171,3 +171,17 @@ def test_twenty_downloads_of_one_repo_started_together_make_one_task(cli, hub, m
     tasks = json.loads((cli.metadata / "tasks.json").read_text())["tasks"]
     assert list(tasks) == ["task_001"] and tasks["task_001"]["status"] == "completed"
     assert_same_tree(cli.downloads / "org--m", files)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["download", "gpt2", "--stall-timeout", "inf"], "--stall-timeout"),
+    (["download", "gpt2", "--stall-timeout", "1e300"], "--stall-timeout"),
+    (["download", "gpt2", "--stall-timeout", "nan"], "--stall-timeout"),
+    (["download", "gpt2", "--revision", ""], "--revision"),
+    (["download", "gpt2", "--revision", "  "], "--revision"),
+    (["cancel", "task_001", "--wait", "inf"], "--wait"),
+])
+def test_bad_numbers_and_empty_revision_are_usage_errors(cli, args, needle):
+    r = cli(*args)
+    assert r.code == 2, r.text
+    assert needle in error_lines(r)[0]
