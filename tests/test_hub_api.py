@@ -15,8 +15,14 @@ from tests.fakehub import Content
 from tests.helpers import assert_same_tree, error_lines, wait_for
 
 
+class Silent(str):
+    """The URL of a server that accepts and never answers; `held`: connections accepted."""
+
+    held: list[socket.socket]
+
+
 @pytest.fixture
-def silent_server() -> Iterator[str]:
+def silent_server() -> Iterator[Silent]:
     """A TCP server on 127.0.0.1 that accepts every connection and never answers."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -34,7 +40,9 @@ def silent_server() -> Iterator[str]:
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    url = Silent(f"http://127.0.0.1:{srv.getsockname()[1]}")
+    url.held = held
+    yield url
     stop.set()
     t.join()
     for c in held:
@@ -56,7 +64,9 @@ def test_api_call_to_a_silent_server_times_out_with_one_line(cli, silent_server)
 def test_sigterm_during_a_hanging_api_call_exits_143(cli, silent_server):
     proc = cli.popen("download", "gpt2", "--endpoint", silent_server,
                      env={"HFDL_API_TIMEOUT": "60"})
-    time.sleep(2.0)          # python has started and is waiting for the answer
+    # python has started (its handlers are set) and is waiting for the answer
+    assert wait_for(lambda: bool(silent_server.held), 30)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
@@ -66,7 +76,8 @@ def test_sigterm_during_a_hanging_api_call_exits_143(cli, silent_server):
 def test_ctrl_c_during_a_hanging_api_call_exits_130(cli, silent_server):
     proc = cli.popen("download", "gpt2", "--endpoint", silent_server,
                      env={"HFDL_API_TIMEOUT": "60"})
-    time.sleep(2.0)
+    assert wait_for(lambda: bool(silent_server.held), 30)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
