@@ -196,3 +196,18 @@ def test_bad_numbers_and_empty_revision_are_usage_errors(cli, args, needle):
     r = cli(*args)
     assert r.code == 2, r.text
     assert needle in error_lines(r)[0]
+
+
+def test_rate_gate_caps_the_wait_and_says_so_once(caplog):
+    import logging
+
+    from downloader import RateGate
+    gate, log = RateGate(), logging.getLogger("hfdl.test")
+    with caplog.at_level(logging.WARNING, logger="hfdl.test"):
+        started = time.monotonic()
+        for _ in range(4):                   # four workers hit the same 429
+            gate.close_for(99999999, 0.2, log)
+        gate.wait(threading.Event())
+    assert time.monotonic() - started < 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "rate limited by the Hub: waiting 0.2 s (Retry-After asked 99999999 s; capped)"]
