@@ -253,7 +253,11 @@ def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
     import dataset_manager
     listing, endpoint = list_files()
     plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
-    task = open_batch_task(store, identity, plan, local_dir, endpoint)
+    with store.creation_lock():        # another process may have planned it meanwhile
+        task = store.find(identity)
+        if task is not None:
+            return PlanChoice(task, load_task_plan(store, task.id), True)
+        task = open_batch_task(store, identity, plan, local_dir, endpoint)
     dataset_manager.register(metadata_dir, listing)
     return PlanChoice(task, plan, False)
 
@@ -273,8 +277,12 @@ def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
         return task
     identity = batch_identity(plan.repo_id, plan.repo_type, plan.revision, [], [],
                               plan.available_space, plan.safety_margin)
-    return open_batch_task(store, identity, dataclasses.replace(plan, state={}), local_dir,
-                           endpoint)
+    with store.creation_lock():        # one task per plan, even for two starts at once
+        task = store.find({"kind": "batch", "plan_id": plan.plan_id})
+        if task is not None:
+            return task
+        return open_batch_task(store, identity, dataclasses.replace(plan, state={}), local_dir,
+                               endpoint)
 
 
 # ---------------------------------------------------------------- per-batch state

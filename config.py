@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from hub_http import ApiPolicy, Timeouts
 from utils import UsageError, parse_size
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -57,6 +58,19 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _timeouts(value: str) -> Timeouts:
+    """"SEC" (connect and read) or "CONNECT,READ"."""
+    parts = str(value).split(",")
+    try:
+        numbers = [_seconds(v.strip()) for v in parts]
+    except UsageError:
+        numbers = []
+    if len(numbers) not in (1, 2):
+        raise UsageError(f"invalid timeout {value!r}",
+                         hint="use seconds, e.g. 30, or CONNECT,READ such as 10,60")
+    return Timeouts(numbers[0], numbers[-1])
+
+
 def _bool(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
@@ -81,6 +95,10 @@ SETTINGS: tuple[Setting, ...] = (
             "bigger files are fetched in ranges"),
     Setting("retry_base_delay", "HFDL_RETRY_BASE_DELAY", "1.0", _seconds,
             "seconds before the first retry (doubling after)"),
+    Setting("api_timeout", "HFDL_API_TIMEOUT", "10,60", _timeouts,
+            "Hub API calls: seconds to connect, to wait for an answer (CONNECT,READ or one)"),
+    Setting("max_retry_wait", "HFDL_MAX_RETRY_WAIT", "600", _seconds,
+            "the longest wait a 429's Retry-After may impose, in seconds"),
     Setting("progress_interval", "HFDL_PROGRESS_INTERVAL", "5", _seconds,
             "seconds between progress lines when stderr is not a terminal"),
 )
@@ -142,6 +160,11 @@ class Config:
     def endpoint_configured(self) -> bool:
         """True when the user chose the endpoint (so no mirror auto-detection)."""
         return self.source("endpoint") != "default"
+
+    def api_policy(self) -> ApiPolicy:
+        """How Hub API calls time out and retry (see hub_http)."""
+        return ApiPolicy(timeouts=self.get("api_timeout"), base_delay=self.get("retry_base_delay"),
+                         max_wait=self.get("max_retry_wait"))
 
     # Kept for scripts written against the seed README.
     def set_metadata_dir(self, path: str | Path) -> None:

@@ -80,7 +80,10 @@ def validate_repo_id(repo_id: str) -> str:
 # ---------------------------------------------------------------- Hub access
 
 def _api(endpoint: str, token: str | None) -> HfApi:
+    import config
+    import hub_http
     from huggingface_hub import HfApi
+    hub_http.install(config.get_config().api_policy())   # timeouts and retries on every call
     return HfApi(endpoint=endpoint, token=token if token else False,
                  library_name="hf-downloader")
 
@@ -144,13 +147,15 @@ class _hub_errors:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        # Never swallows: our own errors and ^C pass through unchanged, the rest are translated.
-        if exc is None or isinstance(exc, (HFDError, KeyboardInterrupt)):
+        # Never swallows: our own errors, ^C and SIGTERM (main's Terminated) pass through
+        # unchanged, the rest are translated.
+        if exc is None or isinstance(exc, HFDError) or not isinstance(exc, Exception):
             return
         raise _translate(exc, self) from exc
 
 
 def _translate(exc: BaseException, ctx: _hub_errors) -> HFDError:
+    import hub_http
     from huggingface_hub import errors
     what = f"{ctx.repo_type} {ctx.repo_id}"
     type_flag = {"model": "", "dataset": " --dataset", "space": " --repo-type space"}
@@ -182,6 +187,13 @@ def _translate(exc: BaseException, ctx: _hub_errors) -> HFDError:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return HubError(f"{ctx.endpoint} answered an error for {what}: {first}",
                         hint="try again later, or use a mirror with --endpoint")
+    if isinstance(exc, hub_http.ApiGaveUp) and exc.status is not None:
+        return HubError(f"{ctx.endpoint} answered an error for {what}: {exc}",
+                        hint="try again later, or use a mirror with --endpoint")
+    if isinstance(exc, hub_http.ApiGaveUp):
+        return HubError(f"cannot reach {ctx.endpoint}: {exc} (asking for {what})",
+                        hint="check the network or proxy (HTTPS_PROXY), try again later, or use "
+                             "another endpoint: --endpoint https://hf-mirror.com")
     if _is_transport_error(exc):
         return HubError(f"cannot reach {ctx.endpoint}: {_short(exc)}",
                         hint="check the network or proxy (HTTPS_PROXY), "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from dataset_manager import RemoteFile, file_url
+from hub_http import capped_wait
 from file_tracker import (FileState, FileTracker, SyncReport, adopt_finished, check_file,
                           forget_missing)
 from progress import Progress
@@ -45,6 +46,7 @@ class Options:
     retry_base: float = 1.0
     max_single_get: int = 50 * 10**9
     progress_interval: float = 5.0
+    max_retry_wait: float = 600.0   # a 429's Retry-After never makes us wait longer
 
 
 @dataclass
@@ -98,9 +100,15 @@ class RateGate:
         self._until = 0.0
         self._lock = threading.Lock()
 
-    def close_for(self, seconds: float) -> None:
+    def close_for(self, seconds: float, cap: float = 600.0,
+                  log: logging.Logger | None = None) -> None:
+        """Wait `seconds` (as Retry-After asked, at most `cap`); says so once per closing."""
+        wait, line = capped_wait(seconds, cap)
         with self._lock:
-            self._until = max(self._until, time.monotonic() + seconds + 1)
+            was_open = self._until <= time.monotonic()
+            self._until = max(self._until, time.monotonic() + wait + 1)
+        if was_open and log is not None:
+            log.warning("%s", line)
 
     def wait(self, stop: threading.Event) -> None:
         while True:
@@ -244,7 +252,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
         if action is Action.DISCARD:
             job.partial.discard()
         if action is Action.WAIT:
-            run.gate.close_for(error.retry_after or 5.0)
+            run.gate.close_for(error.retry_after or 5.0, run.opts.max_retry_wait, run.log)
         final = action is Action.GIVE_UP or tries > run.opts.retries
         tracker.attempt_failed(f.path, str(error), final=final)
         run.log.warning("%s: attempt %d failed: %s", f.path, attempts + tries, error)
@@ -601,18 +609,24 @@ def _needed_for_new(local_dir: Path, listing) -> int:
 def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, endpoint: str,
                   token: str | None, opts: Options, reserve: int, log: logging.Logger,
                   stream: TextIO, quiet: bool = False) -> DownloadOutcome:
-    """`download REPO`: find or create the task, take its lock, sync, run."""
-    existing = store.find(req.identity())
-    if existing is None:
-        # Refuse before creating anything: no task, no folder, no file.
-        import system_monitor
-        system_monitor.preflight(req.local_dir, needed=_needed_for_new(req.local_dir, listing),
-                                 reserve=reserve)
-        task, tracker, sync = open_task(store, req, listing, endpoint)
-        lock_id = task.id
-    else:
-        lock_id = existing.id
-    with store.lock(lock_id):
+    """`download REPO`: find or create the task, take its lock, sync, run.
+
+    Find-or-create and taking the task's lock happen under the store's creation lock: of two
+    processes started together, one creates the task and the other finds it held (exit 6),
+    or finished."""
+    with contextlib.ExitStack() as held:
+        with store.creation_lock():
+            existing = store.find(req.identity())
+            if existing is None:
+                # Refuse before creating anything: no task, no folder, no file.
+                import system_monitor
+                system_monitor.preflight(req.local_dir, reserve=reserve,
+                                         needed=_needed_for_new(req.local_dir, listing))
+                task, tracker, sync = open_task(store, req, listing, endpoint)
+                lock_id = task.id
+            else:
+                lock_id = existing.id
+            held.enter_context(store.lock(lock_id))
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:
@@ -648,4 +662,5 @@ def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: in
     return Options(tool=cfg.get("tool"), connections=connections, jobs=jobs, retries=retries,
                    stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
                    max_single_get=cfg.get("max_single_get"),
-                   progress_interval=cfg.get("progress_interval"))
+                   progress_interval=cfg.get("progress_interval"),
+                   max_retry_wait=cfg.get("max_retry_wait"))

@@ -45,8 +45,16 @@ def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: 
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
 _non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
 _margin = _number(float, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")
+# inf or 1e300 seconds would overflow the waits (or wait for ever): a day is plenty
+_seconds = _number(float, lambda v: 0 < v <= 86400,
+                   "a number of seconds above 0 and at most 86400 (a day)")
+
+
+def _revision(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a branch, tag or commit, got an empty string")
+    return text
 
 
 def _size(text: str) -> int:
@@ -73,7 +81,7 @@ def _repo_args(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
     p.add_argument("--dataset", action="store_true", help="the repo is a dataset")
     p.add_argument("--repo-type", choices=("model", "dataset", "space"),
                    help="model (default), dataset or space")
-    p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    p.add_argument("--revision", default="main", type=_revision, help="branch, tag or commit (default: main)")
     p.add_argument("--endpoint", help="Hub or mirror URL (env HF_ENDPOINT)")
     p.add_argument("--no-mirror", action="store_true",
                    help="never switch to the mirror by itself")
@@ -93,7 +101,7 @@ def _tool_args(p: argparse.ArgumentParser) -> None:
                    help="files at once (default 8; 16-32 for repos of many small files)")
     p.add_argument("--retries", type=_non_negative_int, default=5, metavar="N",
                    help="retries per file after the first try (default 5)")
-    p.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="SEC",
+    p.add_argument("--stall-timeout", type=_seconds, default=60.0, metavar="SEC",
                    help="a file with no new byte for this long is retried (default 60)")
     p.add_argument("--reserve", type=_size, metavar="SIZE",
                    help="free space always kept (env HFDL_DISK_RESERVE; default 1G)")
@@ -160,7 +168,7 @@ def build_parser() -> Parser:
 
     p = add("cancel", "stop a running task (from another terminal) and mark it cancelled")
     p.add_argument("task", help="task id")
-    p.add_argument("--wait", type=_positive_float, default=30.0, metavar="SEC",
+    p.add_argument("--wait", type=_seconds, default=30.0, metavar="SEC",
                    help="how long to wait for the running download to stop (default 30)")
 
     p = add("verify", "re-check the files of a task on disk (size and hash)")

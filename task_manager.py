@@ -210,6 +210,23 @@ class TaskStore:
         with FileLock(str(self.index) + ".lock", timeout=60):
             yield
 
+    @contextlib.contextmanager
+    def creation_lock(self) -> Iterator[None]:
+        """Held around find-or-create (and taking the new task's lock), so two processes
+        starting the same download never both create a task."""
+        from filelock import FileLock, Timeout
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / "tasks.create.lock"), timeout=120)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise TaskLockedError(f"another process has been creating a task in {self.root} "
+                                  f"for 2 minutes", hint="try again when it is done") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _read_index(self) -> dict[str, Any]:
         data = read_json(self.index, default={"schema_version": SCHEMA_VERSION, "next_id": 1,
                                               "tasks": {}})

@@ -277,7 +277,9 @@ class Fault:
         # A HEAD never carries a body, but it does get a CDN link (huggingface_hub GETs the link from its HEAD).
         methods = self.params.get("methods") or (("GET", "HEAD") if self.kind == "expire" else ("GET",))
         where = self.params.get("where", "any")  # "cdn": wherever the bytes come from (CDN or resolve-cache)
-        return method in methods and (where == "any" or {"resolve": "resolve", "cdn": "body"}[where] == stage)
+        if (where == "api") != (stage == "api"):  # API faults (status, 429) are opt-in: where="api"
+            return False
+        return method in methods and (where in ("any", "api") or {"resolve": "resolve", "cdn": "body"}[where] == stage)
 
 
 @dataclass
@@ -410,8 +412,9 @@ class FakeHub:
         """Arm a fault for repo files matching `path_glob`; it fires `count` times (None: forever).
 
         params: after_bytes (reset/truncate/stall; default half the body), status and where
-        ("resolve" | "cdn" | "any") for "status", "429" and "redirect", location for "redirect" (a 302
-        there, as a hostile or broken server would send), retry_after for "429", seconds for "stall",
+        ("resolve" | "cdn" | "any"; "api": the fault hits API requests whose path matches instead) for
+        "status", "429" and "redirect", location for "redirect" (a 302 there, as a hostile or broken
+        server would send), retry_after for "429", seconds for "stall",
         at (absolute offset) for "corrupt", methods (default ("GET",)).
         """
         if kind not in FAULT_KINDS:
@@ -694,6 +697,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ----- API
     def _api(self, rtype: str, segs: list[str]) -> None:
+        # path_glob of a where="api" fault matches the request path, e.g. "/api/models/org/x/*"
+        self._status_fault(self.path.partition("?")[0], "api")
         split = self._split_repo(rtype, segs, API_KEYWORDS)
         if split is None:
             self._error(404, None, "Sorry, we can't find the page you are looking for.")
