@@ -13,7 +13,7 @@ from utils import format_size
 
 if TYPE_CHECKING:
     from batch_manager import BatchRun
-    from downloader import RunResult
+    from fetcher import RunResult
     from task_manager import Task
 
 
@@ -117,7 +117,7 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
 
 
 def run_result(task_id: str, result: RunResult, as_json: bool) -> None:
-    """The outcome of a download or resume run (downloader.RunResult)."""
+    """The outcome of a download or resume run (fetcher.RunResult)."""
     if as_json:
         out_json({"task": task_id, "status": result.status.value, "reason": result.reason,
                   "files_total": result.files_total, "files_done": result.files_done,

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-import downloader
+import fetcher
 from dataset_manager import Listing, RemoteFile
-from downloader import Options, RateGate, Run, Stopper, TaskTicker, WorkList, plan_work
+from downloader import TaskTicker, WorkList, plan_work
+from fetcher import Options, RateGate, Run, Stopper
 from file_tracker import FileTracker
 from progress import Progress
 from task_manager import StopReason, TaskStore
@@ -113,7 +114,8 @@ class RecordingGate(RateGate):
         super().__init__()
         self.events = events
 
-    def close_for(self, seconds: float) -> None:
+    def close_for(self, seconds: float, cap: float = 600.0,
+                  log: logging.Logger | None = None) -> None:
         self.events.append(f"close {seconds}")
 
     def wait(self, stop: threading.Event) -> None:
@@ -168,7 +170,7 @@ def put_partial(run: Run, data: bytes, f: RemoteFile = F) -> Partial:
 def test_success_promotes_the_partial_and_records_the_file(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert final_of(run).read_bytes() == GOOD
     assert sorted(p.name for p in final_of(run).parent.iterdir()) == ["model.bin"]
     assert state(run)["status"] == "completed" and state(run)["actual_size"] == len(GOOD)
@@ -180,7 +182,7 @@ def test_a_partial_left_by_an_earlier_run_is_continued(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD[100:], append=True))
     run = make_run(tmp_path, backend)
     put_partial(run, GOOD[:100])
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [GOOD[:100]]
     assert final_of(run).read_bytes() == GOOD
 
@@ -190,7 +192,7 @@ def test_a_partial_the_backend_cannot_continue_is_discarded_first(tmp_path: Path
     run = make_run(tmp_path, backend)
     partial = put_partial(run, WRONG[:100])
     partial.control.write_bytes(b"\1" * 64)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [None] and not partial.control.exists()
     assert final_of(run).read_bytes() == GOOD
 
@@ -201,7 +203,7 @@ def test_a_transient_failure_is_retried_from_the_partial(tmp_path: Path) -> None
     backend = Scripted(Step(GOOD[:100], FetchError("connection reset")),
                        Step(GOOD[100:], append=True))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [None, GOOD[:100]]
     assert final_of(run).read_bytes() == GOOD
     assert state(run)["status"] == "completed" and state(run)["attempts"] == 2
@@ -211,7 +213,7 @@ def test_a_transient_failure_is_retried_from_the_partial(tmp_path: Path) -> None
 def test_a_fetch_that_ends_short_is_tried_again_from_where_it_stopped(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD[:10]), Step(GOOD[10:], append=True))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [None, GOOD[:10]]
     assert final_of(run).read_bytes() == GOOD
 
@@ -219,7 +221,7 @@ def test_a_fetch_that_ends_short_is_tried_again_from_where_it_stopped(tmp_path: 
 def test_retries_exhausted_fail_the_file_and_keep_the_partial(tmp_path: Path) -> None:
     backend = Scripted(*[Step(GOOD[:50], FetchError("HTTP 503")) for _ in range(3)])
     run = make_run(tmp_path, backend, retries=2)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 3                      # the first try and 2 retries
     assert state(run)["status"] == "failed" and state(run)["error"] == "HTTP 503"
     assert state(run)["attempts"] == 3
@@ -232,7 +234,7 @@ def test_a_bad_partial_is_discarded_before_the_retry(tmp_path: Path) -> None:
     backend = Scripted(Step(error=FetchError("HTTP 416", FailureKind.BAD_PARTIAL)), Step(GOOD))
     run = make_run(tmp_path, backend)
     put_partial(run, WRONG[:50])
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [WRONG[:50], None]
     assert final_of(run).read_bytes() == GOOD
 
@@ -241,7 +243,7 @@ def test_a_hash_mismatch_is_a_bad_partial_and_never_reaches_the_final_name(
         tmp_path: Path) -> None:
     backend = Scripted(Step(WRONG), Step(GOOD))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.seen == [None, None]            # the wrong bytes were discarded, not continued
     assert final_of(run).read_bytes() == GOOD
     assert state(run)["status"] == "completed" and state(run)["attempts"] == 2
@@ -251,7 +253,7 @@ def test_a_hash_mismatch_on_the_last_try_fails_the_file_without_its_bytes(
         tmp_path: Path) -> None:
     backend = Scripted(Step(WRONG))
     run = make_run(tmp_path, backend, retries=0)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert state(run)["status"] == "failed"
     assert state(run)["error"].startswith("sha256 mismatch")
     assert not final_of(run).exists() and not partial_of(run).path.exists()
@@ -266,7 +268,7 @@ def test_rate_limited_closes_the_gate_before_the_retry(tmp_path: Path, retry_aft
                                              retry_after=retry_after)),
                        Step(GOOD), events=events)
     run = make_run(tmp_path, backend, events=events)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert events == ["wait", "fetch", closed_for, "wait", "fetch"]
     assert final_of(run).read_bytes() == GOOD
 
@@ -279,7 +281,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_partial(tmp_path: Path,
                                                          error: BaseException) -> None:
     backend = Scripted(Step(GOOD[:100], error), Step(GOOD))
     run = make_run(tmp_path, backend, retries=5)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 1
     assert run.stopper.reason is StopReason.DISK_FULL and run.stopper.event.is_set()
     assert "No space left on device" in run.stopper.detail
@@ -291,7 +293,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_partial(tmp_path: Path,
 def test_a_disk_quota_stops_the_run_like_a_full_disk(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD[:100], OSError(errno.EDQUOT, "Disk quota exceeded")))
     run = make_run(tmp_path, backend, retries=5)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert run.stopper.reason is StopReason.DISK_FULL
     assert state(run)["status"] == "pending"
     assert partial_of(run).path.read_bytes() == GOOD[:100]
@@ -301,7 +303,7 @@ def test_a_disk_quota_stops_the_run_like_a_full_disk(tmp_path: Path) -> None:
 def test_not_found_and_denied_give_up_without_retrying(tmp_path: Path, kind: FailureKind) -> None:
     backend = Scripted(Step(error=FetchError(f"refused: {kind.value}", kind)), Step(GOOD))
     run = make_run(tmp_path, backend, retries=5)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 1
     assert state(run)["status"] == "failed" and state(run)["attempts"] == 1
     assert run.failures == [(F.path, f"refused: {kind.value}")]
@@ -311,7 +313,7 @@ def test_not_found_and_denied_give_up_without_retrying(tmp_path: Path, kind: Fai
 def test_a_stopped_attempt_leaves_the_file_pending_with_its_partial(tmp_path: Path) -> None:
     backend = Scripted(Step(GOOD[:100], FetchError("stopped", FailureKind.STOPPED)), Step(GOOD))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 1
     assert state(run)["status"] == "pending" and state(run)["attempts"] == 0
     assert partial_of(run).path.read_bytes() == GOOD[:100] and run.failures == []
@@ -321,7 +323,7 @@ def test_a_failure_while_the_run_stops_is_no_failed_attempt(tmp_path: Path) -> N
     backend = Scripted(Step(GOOD[:100], FetchError("aria2c exited with status 7"), stop_run=True),
                        Step(GOOD))
     run = make_run(tmp_path, backend)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 1
     assert state(run)["status"] == "pending" and state(run)["attempts"] == 0
     assert state(run)["error"] is None and run.failures == []
@@ -332,7 +334,7 @@ def test_a_run_already_stopped_does_not_fetch(tmp_path: Path) -> None:
     backend = Scripted()
     run = make_run(tmp_path, backend)
     run.stopper.stop("interrupted")
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert backend.calls == 0 and state(run)["status"] == "pending"
 
 
@@ -343,7 +345,7 @@ def test_a_stop_during_the_backoff_ends_the_wait(tmp_path: Path) -> None:
     started = time.monotonic()
     timer.start()
     try:
-        downloader.download_one(run, F)
+        fetcher.download_one(run, F)
     finally:
         timer.cancel()
     assert time.monotonic() - started < 2.0
@@ -360,7 +362,7 @@ def test_files_above_max_single_get_go_to_the_python_backend(
     monkeypatch.setattr(aria, "daemon", lambda: pytest.fail("aria2c was started"))
     python = Scripted(Step(GOOD), name="python")
     run = make_run(tmp_path, aria, ranged=python, max_single_get=100)
-    downloader.download_one(run, F)
+    fetcher.download_one(run, F)
     assert python.calls == 1 and final_of(run).read_bytes() == GOOD
 
 
@@ -368,15 +370,15 @@ def test_backend_for(tmp_path: Path) -> None:
     tool, python = Scripted(name="aria2c"), Scripted(name="python")
     small, big = remote("small.txt", b"x" * 10), remote("big.bin", b"y" * 200)
     run = make_run(tmp_path, tool, ranged=python, files=[small, big], max_single_get=100)
-    assert run.backend_for(downloader.make_job(run, small)) is tool
-    assert run.backend_for(downloader.make_job(run, big)) is python
+    assert run.backend_for(fetcher.make_job(run, small)) is tool
+    assert run.backend_for(fetcher.make_job(run, big)) is python
     # A partial already fetched in ranged parts can only be continued in ranges.
-    job = downloader.make_job(run, small)
+    job = fetcher.make_job(run, small)
     job.final.parent.mkdir(parents=True, exist_ok=True)
     job.partial.part_map.write_text("{}")
     assert run.backend_for(job) is python
     only_python = make_run(tmp_path / "p", python, files=[big], max_single_get=100)
-    assert only_python.backend_for(downloader.make_job(only_python, big)) is python
+    assert only_python.backend_for(fetcher.make_job(only_python, big)) is python
 
 
 @pytest.mark.parametrize("sizes,opened", [((200, 300), False), ((200, 10), True)])
@@ -388,10 +390,10 @@ def test_run_downloads_starts_the_tool_only_for_files_it_can_fetch(
     small = [d for d in data.values() if len(d) <= 100]
     tool = Scripted(*[Step(d) for d in small], name="aria2c")
     python = Scripted(*[Step(d) for d in data.values() if len(d) > 100], name="python")
-    monkeypatch.setitem(downloader.BACKENDS, "aria2c", lambda o, c: tool)
-    monkeypatch.setitem(downloader.BACKENDS, "python", lambda o, c: python)
+    monkeypatch.setitem(fetcher.BACKENDS, "aria2c", lambda o, c: tool)
+    monkeypatch.setitem(fetcher.BACKENDS, "python", lambda o, c: python)
     tracker = FileTracker.create(tmp_path / "task", "task_001", listing(files), ENDPOINT)
-    result = downloader.run_downloads(
+    result = fetcher.run_downloads(
         tracker, list(data), local_dir=tmp_path / "out", endpoint=ENDPOINT, token=None,
         opts=Options(jobs=1, retries=0, max_single_get=100), tool="aria2c", stopper=Stopper(),
         log=LOG, stream=io.StringIO(), quiet=True)
@@ -516,13 +518,13 @@ def test_a_full_disk_while_publishing_counters_stops_the_run(
     # publishes a.bin's completion.
     python = Scripted(Step(CONTENT["a.bin"]), Step(CONTENT["b.bin"], block=release),
                       name="python")
-    monkeypatch.setitem(downloader.BACKENDS, "python", lambda o, c: python)
+    monkeypatch.setitem(fetcher.BACKENDS, "python", lambda o, c: python)
     tracker = FileTracker.create(tmp_path / "task", "task_001", listing(files), ENDPOINT)
     stopper = Stopper()
     tick = TaskTicker(FullDiskStore(tmp_path / "metadata"), "task_001", tracker, stopper,
                       every=0.0, clock=Clock())
     try:
-        downloader.run_downloads(
+        fetcher.run_downloads(
             tracker, [f.path for f in files], local_dir=tmp_path / "out", endpoint=ENDPOINT,
             token=None, opts=Options(jobs=1, retries=0), tool="python", stopper=stopper, log=LOG,
             stream=io.StringIO(), quiet=True, on_tick=tick)

@@ -201,7 +201,7 @@ def test_bad_numbers_and_empty_revision_are_usage_errors(cli, args, needle):
 def test_rate_gate_caps_the_wait_and_says_so_once(caplog):
     import logging
 
-    from downloader import RateGate
+    from fetcher import RateGate
     gate, log = RateGate(), logging.getLogger("hfdl.test")
     with caplog.at_level(logging.WARNING, logger="hfdl.test"):
         started = time.monotonic()

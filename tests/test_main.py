@@ -13,6 +13,7 @@ import pytest
 
 import config
 import downloader
+import fetcher
 import commands
 import main
 import system_monitor
@@ -242,7 +243,7 @@ def test_status_renders_without_calling_list_tasks(tmp_path: Path, capsys) -> No
 # ---------------------------------------------------------------- stop reasons
 
 def test_stopper_keeps_the_first_reason() -> None:
-    stopper = downloader.Stopper()
+    stopper = fetcher.Stopper()
     stopper.stop(StopReason.DISK_FULL, "1 MiB free")
     stopper.stop(StopReason.INTERRUPTED)
     assert stopper.reason is StopReason.DISK_FULL and stopper.detail == "1 MiB free"
@@ -259,7 +260,7 @@ def test_stopper_keeps_the_first_reason() -> None:
 ])
 def test_exit_status_follows_the_stop_reason(stop, status, code, capsys) -> None:
     # A reason text that would mislead any parsing of it: the table looks at `stop` only.
-    result = downloader.RunResult(status=TaskState(status), reason="interrupted: nothing to see", stop=stop,
+    result = fetcher.RunResult(status=TaskState(status), reason="interrupted: nothing to see", stop=stop,
                                   detail="2 MiB free")
     assert commands.report_exit("task_007", result) == code
     err = capsys.readouterr().err

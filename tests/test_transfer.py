@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import downloader
+import fetcher
 from dataset_manager import RemoteFile, file_url
 from transfer import (FailureKind, FetchError, Job, PythonBackend, http_error,
                       retry_after_seconds)
@@ -60,9 +61,9 @@ def test_retry_after_seconds(headers: dict[str, str], seconds: float | None) -> 
 
 
 def test_every_failure_kind_has_one_action() -> None:
-    A = downloader.Action
-    assert set(downloader.ON_FAILURE) == set(FailureKind)
-    assert downloader.ON_FAILURE == {
+    A = fetcher.Action
+    assert set(fetcher.ON_FAILURE) == set(FailureKind)
+    assert fetcher.ON_FAILURE == {
         FailureKind.TRANSIENT: A.RETRY,
         FailureKind.RATE_LIMITED: A.WAIT,
         FailureKind.DENIED: A.GIVE_UP,
@@ -79,8 +80,8 @@ def test_fetch_error_defaults_to_transient() -> None:
 
 
 def test_downloader_keeps_its_public_names() -> None:
-    assert downloader.Options().tool == "auto"
-    assert downloader.RunResult(status="completed").status == "completed"
+    assert fetcher.Options().tool == "auto"
+    assert fetcher.RunResult(status="completed").status == "completed"
     assert downloader.choose_tool("python") == "python"
 
 
@@ -194,7 +195,7 @@ def test_python_backend_streams_and_hashes(repo_hub, tmp_path: Path, path: str) 
     assert digest == job.file.expected_hash
     assert job.partial.path.read_bytes() == FILES[path]
     assert seen[-1] == len(FILES[path])
-    downloader.finish_file(job, digest)
+    fetcher.finish_file(job, digest)
     assert job.final.read_bytes() == FILES[path] and not job.partial.path.exists()
 
 
@@ -214,7 +215,7 @@ def test_python_backend_fetches_huge_files_in_ranges(repo_hub, tmp_path: Path) -
     assert digest is None                        # parts are not hashed while streaming
     assert job.partial.path.read_bytes() == FILES["big.bin"]
     assert job.partial.kind() == "parts"
-    downloader.finish_file(job, digest)
+    fetcher.finish_file(job, digest)
     assert job.final.read_bytes() == FILES["big.bin"] and not job.partial.part_map.exists()
 
 
@@ -244,7 +245,7 @@ def test_a_too_long_partial_is_a_bad_partial(repo_hub, tmp_path: Path) -> None:
     job = _job(repo_hub, tmp_path, "small.txt")
     job.partial.path.write_bytes(FILES["small.txt"] + b"extra")
     with pytest.raises(FetchError) as info:
-        downloader.finish_file(job, None)
+        fetcher.finish_file(job, None)
     assert info.value.kind is FailureKind.BAD_PARTIAL
 
 

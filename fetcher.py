@@ -1,0 +1,354 @@
+"""Fetching a work list: -j workers, the backend for each file (the chosen tool, or python for
+files that need the token or ranged parts), retries through ONE failure-to-action table, and
+each file checked and promoted to its final name.
+
+Each file goes: pending -> downloading (bytes in its Partial) -> checked (size, hash)
+-> renamed to its final name -> completed. A final name never holds partial bytes.
+Moving a file's bytes is transfer.py's and tools.py's job; the task around it is downloader's.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from dataset_manager import RemoteFile, file_url
+from file_tracker import FileState, FileTracker, check_file
+from hub_http import capped_wait
+from progress import Progress
+from task_manager import StopReason, TaskState
+from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
+from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
+                      PythonBackend)
+from utils import Partial, format_size, safe_join
+
+
+@dataclass(frozen=True)
+class Options:
+    tool: str = "auto"
+    connections: int = 8
+    jobs: int = 8
+    retries: int = 5
+    stall_timeout: float = 60.0
+    retry_base: float = 1.0
+    max_single_get: int = 50 * 10**9
+    progress_interval: float = 5.0
+    max_retry_wait: float = 600.0   # a 429's Retry-After never makes us wait longer
+
+
+@dataclass
+class RunResult:
+    status: TaskState               # completed, failed, paused or cancelled
+    reason: str = ""                # shown and stored: "disk_full: 3 MiB free, ..."
+    stop: StopReason | None = None  # why the run stopped early, if it did
+    detail: str = ""                # what the stop reason was given (e.g. free space left)
+    tool: str = ""
+    files_total: int = 0
+    files_done: int = 0
+    files_failed: int = 0
+    bytes_done: int = 0
+    bytes_fetched: int = 0
+    elapsed: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    bytes_missing: int = 0          # not on disk yet: unfinished files minus their partial bytes
+
+
+
+# ================================================================ the backends
+
+BACKENDS: dict[str, Callable[[Options, ChildSet], Backend]] = {
+    "aria2c": lambda o, c: Aria2Backend(c, stall_timeout=o.stall_timeout, jobs=o.jobs),
+    "wget": lambda o, c: WgetBackend(c, stall_timeout=o.stall_timeout),
+    "python": lambda o, c: PythonBackend(o.stall_timeout),
+}
+
+
+# ================================================================ the run
+
+class Stopper:
+    """Why a run must stop (first reason wins): interrupted, terminated, cancelled, disk_full."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason: StopReason | None = None
+        self.detail = ""
+
+    def stop(self, reason: StopReason | str, detail: str = "") -> None:
+        reason = StopReason(reason)          # a misspelt reason fails here, not in main's table
+        if self.reason is None:
+            self.reason, self.detail = reason, detail
+        self.event.set()
+
+
+class RateGate:
+    """A 429 slows the whole task: every worker waits until the gate opens."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def close_for(self, seconds: float, cap: float = 600.0,
+                  log: logging.Logger | None = None) -> None:
+        """Wait `seconds` (as Retry-After asked, at most `cap`); says so once per closing."""
+        wait, line = capped_wait(seconds, cap)
+        with self._lock:
+            was_open = self._until <= time.monotonic()
+            self._until = max(self._until, time.monotonic() + wait + 1)
+        if was_open and log is not None:
+            log.warning("%s", line)
+
+    def wait(self, stop: threading.Event) -> None:
+        while True:
+            with self._lock:
+                delay = self._until - time.monotonic()
+            if delay <= 0 or stop.wait(min(delay, 0.5)):
+                return
+
+
+class Action(enum.Enum):
+    """What download_one does after a failed attempt."""
+
+    RETRY = "retry"            # count the try, back off, try again
+    WAIT = "wait"              # close the rate gate for every worker, then retry
+    DISCARD = "discard"        # the partial cannot be continued: remove it, then retry
+    STOP_RUN = "stop_run"      # the disk is full: stop the whole run (resume later)
+    PAUSE = "pause"            # the run is stopping: leave the file for the next run
+    GIVE_UP = "give_up"        # more tries cannot help: the file failed
+
+
+ON_FAILURE: dict[FailureKind, Action] = {
+    FailureKind.TRANSIENT: Action.RETRY,
+    FailureKind.RATE_LIMITED: Action.WAIT,
+    FailureKind.DENIED: Action.GIVE_UP,
+    FailureKind.NOT_FOUND: Action.GIVE_UP,
+    FailureKind.BAD_PARTIAL: Action.DISCARD,
+    FailureKind.DISK_FULL: Action.STOP_RUN,
+    FailureKind.STOPPED: Action.PAUSE,
+}
+
+
+@dataclass
+class Run:
+    tracker: FileTracker
+    local_dir: Path
+    endpoint: str
+    token: str | None
+    opts: Options
+    tool: Backend                  # the chosen tool
+    ranged: Backend                # the python backend: the only one fetching in ranges only
+    progress: Progress
+    stopper: Stopper
+    log: logging.Logger
+    gate: RateGate = field(default_factory=RateGate)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    sessions: HttpSessions = field(default_factory=HttpSessions)
+    token_files: int = 0           # files sent to python because they need the token
+
+    def backend_for(self, job: Job) -> Backend:
+        """The chosen tool, except for files it cannot fetch: both tools open every file with
+        one plain GET (aria2c's first connection never sends Range, even when resuming with its
+        control file), which the CDN refuses above max_single_get; and files that need the
+        token (tools.tool_link says which), which never leaves this process."""
+        if self.tool is self.ranged:
+            return self.tool
+        if job.needs_ranges:
+            self.log.warning("%s is bigger than %s: %s cannot fetch it in ranged requests only, "
+                             "so the python backend fetches it in parts", job.file.path,
+                             format_size(job.max_single_get), self.tool.name)
+            return self.ranged
+        with contextlib.suppress(FetchError):    # else the tool's own attempt meets it again
+            job.link = tool_link(self.sessions, job, self.opts.stall_timeout) if job.token else ""
+            if job.link is None:
+                self.token_files += 1            # for one log line: a lost count is harmless
+                return self.ranged
+        return self.tool
+
+
+def make_job(run: Run, f: RemoteFile) -> Job:
+    final = safe_join(run.local_dir, f.path)
+    meta = run.tracker.meta
+    return Job(file=f, final=final, partial=Partial(final, f.expected_hash),
+               url=file_url(run.endpoint, meta["repo_id"], meta["repo_type"], meta["commit"], f.path),
+               token=run.token, endpoint=run.endpoint, connections=run.opts.connections,
+               max_single_get=run.opts.max_single_get)
+
+
+def prepare_partial(job: Job, backend: Backend) -> None:
+    """Keep a partial (of this version: its name says so) only if this backend can continue it."""
+    if job.partial.kind() not in backend.resumable:
+        job.partial.discard()
+
+
+def finish_file(job: Job, digest: str | None) -> None:
+    """Check the partial against the listing, then give it its final name."""
+    f = job.file
+    check = check_file(job.partial.path, f, digest=digest)
+    if check.verdict in ("missing", "size mismatch"):
+        size = -1 if check.size is None else check.size
+        raise FetchError(f"size mismatch: {size} bytes, expected {f.size}",
+                         FailureKind.BAD_PARTIAL if size > f.size else FailureKind.TRANSIENT)
+    if check.verdict != "ok":
+        raise FetchError(f"{f.hash_kind} mismatch: got {str(check.digest)[:12]}..., expected "
+                         f"{f.expected_hash[:12]}...", FailureKind.BAD_PARTIAL)
+    job.partial.promote_to(job.final)
+
+
+def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
+    """One try at a file: fetch, check, promote. A full disk anywhere is DISK_FULL."""
+    try:
+        digest = backend.fetch(job, lambda n: run.progress.update(job.file.path, n),
+                               run.stopper.event)
+        finish_file(job, digest)
+    except FetchError as exc:
+        return exc
+    except OSError as exc:
+        if exc.errno not in FULL_DISK_ERRNOS:
+            raise
+        return FetchError(str(exc), FailureKind.DISK_FULL)
+    return None
+
+
+def download_one(run: Run, f: RemoteFile) -> None:
+    """All attempts for one file; records each failure on the file."""
+    tracker, stop = run.tracker, run.stopper.event
+    job = make_job(run, f)
+    job.final.parent.mkdir(parents=True, exist_ok=True)
+    backend = run.backend_for(job)
+    prepare_partial(job, backend)
+    run.progress.file_started(f.path, job.partial.bytes_on_disk())
+    tracker.start(f.path)
+    attempts = int(tracker.status[f.path].get("attempts") or 0)
+    tries = 0
+    while True:
+        run.gate.wait(stop)
+        if stop.is_set():
+            break
+        tries += 1
+        error = _attempt(run, backend, job)
+        if error is None:
+            tracker.complete(f.path, f.size)
+            run.log.info("completed %s (%d bytes)", f.path, f.size)
+            run.progress.file_done(f.path, f.size, True, f"done: {f.path} ({format_size(f.size)})")
+            return
+        action = ON_FAILURE[error.kind]
+        if stop.is_set() or action is Action.PAUSE:
+            break
+        if action is Action.STOP_RUN:
+            run.stopper.stop(StopReason.DISK_FULL, str(error))
+            break
+        if action is Action.DISCARD:
+            job.partial.discard()
+        if action is Action.WAIT:
+            run.gate.close_for(error.retry_after or 5.0, run.opts.max_retry_wait, run.log)
+        final = action is Action.GIVE_UP or tries > run.opts.retries
+        tracker.attempt_failed(f.path, str(error), final=final)
+        run.log.warning("%s: attempt %d failed: %s", f.path, attempts + tries, error)
+        run.progress.update(f.path, job.partial.bytes_on_disk())
+        if final:
+            run.failures.append((f.path, str(error)))
+            run.progress.file_done(f.path, f.size, False, f"failed: {f.path}: {error}")
+            return
+        _backoff(run.opts.retry_base, tries, stop)
+    tracker.interrupted(f.path)
+    run.progress.file_dropped(f.path)
+
+
+def _backoff(base: float, tries: int, stop: threading.Event) -> None:
+    delay = min(60.0, base * 2 ** (tries - 1))
+    stop.wait(delay * random.uniform(0.5, 1.5))
+
+
+def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Path, endpoint: str,
+                  token: str | None, opts: Options, tool: str, stopper: Stopper,
+                  log: logging.Logger, stream: TextIO, quiet: bool = False,
+                  on_tick: Callable[[], None] | None = None) -> RunResult:
+    """Download the given files of a task with -j workers; returns when all are done or stopped."""
+    started = time.monotonic()
+    children = ChildSet()
+    chosen = BACKENDS[tool](opts, children)
+    ranged = chosen if tool == "python" else BACKENDS["python"](opts, children)
+    todo_bytes = sum(tracker.by_path[p].size for p in paths_todo)
+    progress = Progress(len(paths_todo), todo_bytes, 0, 0, stream, opts.progress_interval, quiet)
+    run = Run(tracker, local_dir, endpoint, token, opts, chosen, ranged, progress, stopper, log)
+    work: queue.Queue[str] = queue.Queue()
+    for p in paths_todo:
+        work.put(p)
+
+    def worker() -> None:
+        while not stopper.event.is_set():
+            try:
+                path = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                download_one(run, tracker.by_path[path])
+            except Exception as exc:     # a bug in one file must not hang the run
+                log.exception("unexpected error on %s", path)
+                tracker.attempt_failed(path, f"internal error: {exc}", final=True)
+                run.failures.append((path, f"internal error: {exc}"))
+
+    if any(tracker.by_path[p].size <= opts.max_single_get for p in paths_todo):
+        chosen.open()
+    threads = [threading.Thread(target=worker, name=f"worker-{i}", daemon=True)
+               for i in range(max(1, min(opts.jobs, len(paths_todo))))]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.25 / len(threads))
+            progress.tick()
+            _save_or_pause(tracker.maybe_save, stopper, log)
+            if on_tick:
+                _save_or_pause(on_tick, stopper, log)     # it writes tasks.json
+            if stopper.event.is_set():
+                children.kill_all()
+                _join_for(threads, 5.0)
+                break
+    finally:
+        if stopper.event.is_set():
+            children.kill_all()     # SIGTERM first: aria2c saves its control files on TERM
+        for backend in {id(chosen): chosen, id(ranged): ranged}.values():
+            backend.close()         # always: a stopped run must not leave temp folders behind
+        children.kill_all()
+        progress.tick(force=True)
+        progress.close()
+        for p in tracker.paths_in(FileState.DOWNLOADING):
+            tracker.interrupted(p)
+        _save_or_pause(tracker.save, stopper, log)
+    if run.token_files:
+        log.info("%d files that need the token went through python: %s never sees the token",
+                 run.token_files, chosen.name)
+    after = tracker.summary()
+    result = RunResult(status=TaskState.PENDING, tool=tool, files_total=after["files_total"],
+                       files_done=after["files_done"], files_failed=after["files_failed"],
+                       bytes_done=after["bytes_done"], bytes_fetched=progress.fetched,
+                       elapsed=time.monotonic() - started, failures=run.failures)
+    return result
+
+
+def _save_or_pause(save: Callable[[], object], stopper: Stopper, log: logging.Logger) -> bool:
+    """Save the state; a full disk (ENOSPC) stops the run as disk_full instead of crashing it.
+    The atomic writer leaves the previous file intact, and resume rebuilds from the disk."""
+    try:
+        save()
+        return True
+    except OSError as exc:
+        if exc.errno not in FULL_DISK_ERRNOS:
+            raise
+        log.warning("cannot save the task state: %s", exc.strerror)
+        stopper.stop(StopReason.DISK_FULL, "no space left to save the task state")
+        return False
+
+
+def _join_for(threads: list[threading.Thread], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
