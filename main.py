@@ -12,11 +12,12 @@ import logging.handlers
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import config
-from commands import HANDLERS
 from utils import ExitStatus, HFDError, HubError, UsageError, parse_size, strip_query
+
+if TYPE_CHECKING:         # imported when a command runs: `--help` stays fast
+    import config
 
 log = logging.getLogger("hfdl")
 
@@ -240,6 +241,7 @@ def build_parser() -> Parser:
 # ================================================================ setup
 
 def load_settings(args: argparse.Namespace) -> config.Config:
+    import config
     flags = {"metadata_dir": args.metadata_dir, "downloads_dir": args.downloads_dir,
              "logs_dir": args.logs_dir, "endpoint": getattr(args, "endpoint", None),
              "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
@@ -312,6 +314,11 @@ def _on_sigterm(*_: object) -> None:
     raise Terminated()
 
 
+def _token_allowed(cfg: config.Config) -> bool:
+    import config
+    return config.token_allowed(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import signal
@@ -322,11 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_settings(args)
         log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
         log.debug("command: %s", args.command)
+        from commands import HANDLERS
         return int(HANDLERS[args.command](args, cfg))
     except HFDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         hint = exc.hint
-        if cfg is not None and not config.token_allowed(cfg) and isinstance(exc, HubError):
+        if cfg is not None and isinstance(exc, HubError) and not _token_allowed(cfg):
             hint = (f"your token was not sent to {cfg.endpoint}, which you did not name; "
                     f"to send it there, add --endpoint {cfg.endpoint}")
         if hint:
