@@ -20,6 +20,7 @@ from utils import HFDError, MetadataError, UsageError, format_size
 
 # ================================================================ pure planning (no I/O)
 
+DEFAULT_SAFETY_MARGIN = 0.9   # fill each disk to at most this fraction (plan-batch and analyze)
 DEFAULT_MIN_FILL = 0.5   # close a batch early for a folder only once it is this full
 ROOT_FOLDER = "(root)"
 NO_EXTENSION = "(none)"
@@ -357,15 +358,21 @@ def _histogram(files: Sequence[SizedFile]) -> list[dict]:
             for (low, label), up, n, b in zip(SIZE_BUCKETS, uppers, counts, totals, strict=True)]
 
 
-def _disk_estimate(files: Sequence[SizedFile], total: int, available: int) -> dict[str, Any]:
-    plan = plan_batches(files, available)          # margin 1.0: the whole free space
-    too_big = [{"path": f.path, "size": f.size} for f in files if f.size > available]
-    too_big_bytes = sum(f.size for f in files if f.size > available)
+def _disk_estimate(files: Sequence[SizedFile], total: int, available: int,
+                   margin: float) -> dict[str, Any]:
+    """The disks plan-batch would use: the same capacity (available x margin), the same plan."""
+    capacity = batch_capacity(available, margin)
+    plan = plan_batches(files, capacity, margin=margin)
+    too_big = [{"path": f.path, "size": f.size} for f in files if f.size > capacity]
+    too_big_bytes = sum(f.size for f in files if f.size > capacity)
     return {
         "available_bytes": available,
-        "disks_min": math.ceil(total / available),  # as if files could be cut anywhere
-        "disks_min_fitting": math.ceil((total - too_big_bytes) / available),
+        "safety_margin": margin,
+        "capacity": capacity,
+        "disks_min": math.ceil(total / capacity),  # as if files could be cut anywhere
+        "disks_min_fitting": math.ceil((total - too_big_bytes) / capacity),
         "disks_planned": sum(1 for b in plan if not b.oversize),
+        "batch_count": len(plan),                  # plan-batch's batches, oversize ones too
         "oversize_count": len(too_big),
         "oversize_bytes": too_big_bytes,
         "oversize_files": too_big,
@@ -373,13 +380,14 @@ def _disk_estimate(files: Sequence[SizedFile], total: int, available: int) -> di
 
 
 def analyze_files(files: Iterable[SizedFile], *, available_space: int | None = None,
-                  top_n: int = 10) -> dict[str, Any]:
+                  safety_margin: float = DEFAULT_SAFETY_MARGIN, top_n: int = 10) -> dict[str, Any]:
     """JSON-ready statistics of a listing: totals, folders, extensions, largest, histogram.
 
-    With `available_space`, under "disks": `disks_min` = ceil(total / available) (as if files
-    could be cut), `disks_min_fitting` = the same for the files that fit on one disk,
-    `disks_planned` = the regular batches plan_batches makes at margin 1.0, and the files
-    bigger than one disk (each needs a larger disk of its own).
+    With `available_space`, under "disks", counted as plan-batch counts them (a batch holds at
+    most capacity = available x safety_margin bytes): `disks_min` = ceil(total / capacity) (as
+    if files could be cut), `disks_min_fitting` = the same for the files that fit in one batch,
+    `disks_planned` = the regular batches plan_batches makes, `batch_count` = all its batches,
+    and the files bigger than one batch (each needs a larger disk of its own).
     """
     if available_space is not None and available_space <= 0:
         raise UsageError(f"available space must be more than 0 bytes, got {available_space}")
@@ -395,7 +403,7 @@ def analyze_files(files: Iterable[SizedFile], *, available_space: int | None = N
         "histogram": _histogram(files),
     }
     if available_space is not None:
-        analysis["disks"] = _disk_estimate(files, total, available_space)
+        analysis["disks"] = _disk_estimate(files, total, available_space, safety_margin)
     return analysis
 
 
@@ -437,17 +445,23 @@ def _tally_lines(title: str, entries: list[dict], label: str, total: int) -> lis
 def _disk_lines(disks: dict[str, Any]) -> list[str]:
     at_least = _count(disks["disks_min"], "disk")
     fitting = _count(disks["disks_min_fitting"], "disk")
-    lines = ["", f"Disks of {format_size(disks['available_bytes'])} free",
+    margin = disks.get("safety_margin", 1.0)
+    lines = ["", f"Disks of {format_size(disks['available_bytes'])} free, filled to "
+                 f"{margin:g} ({format_size(disks.get('capacity', disks['available_bytes']))} "
+                 "per disk)",
              f"  all files:                  {at_least} at least "
-             "(total / free space, rounded up, as if files could be cut)",
+             "(total / capacity, rounded up, as if files could be cut)",
              f"  files that fit on one disk: {fitting} at least; "
-             f"the batch plan (margin 1.0) takes {disks['disks_planned']:,}"]
+             f"the batch plan (margin {margin:g}) takes {disks['disks_planned']:,}"]
     if disks["oversize_count"]:
         lines.append(f"  files bigger than one disk: {disks['oversize_count']:,} "
                      f"({format_size(disks['oversize_bytes'])}), each needs a larger disk:")
         rows = [[_shorten(f["path"], 60), format_size(f["size"])]
                 for f in disks["oversize_files"]]
         lines += ["    " + line for line in text_table(["path", "size"], rows, {1})]
+    if "batch_count" in disks:
+        lines.append(f"  plan-batch with --safety-margin {margin:g} makes "
+                     f"{_count(disks['batch_count'], 'batch', 'batches')}")
     return lines
 
 

@@ -43,11 +43,20 @@ def repo_type_of(dataset: bool, repo_type: str | None) -> str:
     return "dataset" if dataset else (repo_type or "model")
 
 
-def _repo_choice(args: Namespace) -> RepoChoice:
-    """The values that `_repo_args` added, checked."""
+def _repo_choice(args: Namespace, cfg: config.Config | None = None) -> RepoChoice:
+    """The values that `_repo_args` added, checked. With `cfg`, a repo named without --dataset
+    or --repo-type takes the type it was registered with (add-dataset --dataset)."""
     import dataset_manager
     repo_id = dataset_manager.validate_repo_id(args.repo)
-    return RepoChoice(repo_id, repo_type_of(args.dataset, args.repo_type), args.revision,
+    repo_type = repo_type_of(args.dataset, args.repo_type)
+    if cfg is not None and not args.dataset and args.repo_type is None:
+        registered = dataset_manager.registered_type(cfg.metadata_dir, repo_id)
+        if registered and registered != repo_type:
+            say(getattr(args, "quiet", False),
+                f"note: {repo_id} is registered as a {registered}; using that "
+                f"(--repo-type {repo_type} overrides)")
+            repo_type = registered
+    return RepoChoice(repo_id, repo_type, args.revision,
                       tuple(getattr(args, "include", ())), tuple(getattr(args, "exclude", ())))
 
 
@@ -95,9 +104,9 @@ _STOP_EXIT = {StopReason.INTERRUPTED: ExitStatus.INTERRUPTED,
               StopReason.CANCELLED: ExitStatus.CANCELLED}
 
 
-def report_result(task_id: str, result: RunResult, as_json: bool) -> int:
-    render.run_result(task_id, result, as_json)
-    return report_exit(task_id, result)
+def report_result(task: Task, result: RunResult, as_json: bool) -> int:
+    render.run_result(task, result, as_json)
+    return report_exit(task.id, result)
 
 
 def report_exit(task_id: str, result: RunResult) -> int:
@@ -126,17 +135,18 @@ def _running_pid(store: TaskStore, task_id: str) -> int | None:
 def cmd_download(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
-    repo = _repo_choice(args)
+    repo = _repo_choice(args, cfg)
     endpoint = endpoint_for(cfg)
     token = token_for(cfg)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
                             repo.include, repo.exclude)
     report_refused(listing)
     _require_files(listing, repo)
-    if args.dry_run:
-        render.file_listing(listing, args.json)
-        return ExitStatus.OK
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    if args.dry_run:
+        render.file_listing(listing, files_on_disk(listing.files, local_dir), local_dir,
+                            args.json)
+        return ExitStatus.OK
     req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
                                      repo.include, repo.exclude, args.prune)
     opts = downloader.options_from_config(cfg, **_tool_flags(args))
@@ -147,7 +157,26 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        stream=sys.stderr, quiet=args.quiet)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
-    return report_result(outcome.task.id, outcome.result, args.json)
+    return report_result(outcome.task, outcome.result, args.json)
+
+
+# Files up to this size are hashed by --dry-run; bigger ones are checked by size only (cheap).
+DRY_RUN_HASH_LIMIT = 16 * 1024 * 1024
+
+
+def files_on_disk(files: list[Any], local_dir: Path) -> dict[str, str]:
+    """The files already complete in `local_dir`: path -> what was checked ("hash" or "size")."""
+    from file_tracker import check_file
+    from utils import safe_join
+    found = {}
+    for f in files:
+        path = safe_join(local_dir, f.path)
+        if not path.is_file():
+            continue
+        quick = f.size > DRY_RUN_HASH_LIMIT
+        if check_file(path, f, quick=quick).verdict == "ok":
+            found[f.path] = "size" if quick else "hash"
+    return found
 
 
 def _require_files(listing: Any, repo: RepoChoice) -> None:
@@ -163,8 +192,14 @@ def _announce(quiet: bool, listing: Any, local_dir: Path, tool: str, opts: Any,
               endpoint: str) -> None:
     say(quiet, f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}: "
                f"{len(listing.files)} files, {format_size(listing.total_size)} -> {local_dir}")
-    say(quiet, f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
-        f", -x {opts.connections} -j {opts.jobs}, endpoint {endpoint}")
+    say(quiet, tool_line(tool, opts, endpoint))
+
+
+def tool_line(tool: str, opts: Any, endpoint: str) -> str:
+    """The tool and its settings; wget uses one connection per file, so no -x for it."""
+    connections = "" if tool == "wget" else f"-x {opts.connections} "
+    return (f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
+            f", {connections}-j {opts.jobs}, endpoint {endpoint}")
 
 
 def _report_sync(quiet: bool, commit: str, sync: Any, pruned: list[str]) -> None:
@@ -200,14 +235,20 @@ def _live_tasks(metadata_dir: Path, status: str | None) -> list[Task]:
     return [t for t in tasks if not status or t.status.value == status]
 
 
+def _task_table(metadata_dir: Path, status: str | None, as_json: bool) -> None:
+    store = TaskStore(metadata_dir)
+    tasks = _live_tasks(metadata_dir, status)
+    render.task_list(tasks, as_json, {t.id: _running_pid(store, t.id) for t in tasks})
+
+
 def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
-    render.task_list(_live_tasks(cfg.metadata_dir, args.status), args.json)
+    _task_table(cfg.metadata_dir, args.status, args.json)
     return ExitStatus.OK
 
 
 def cmd_status(args: Namespace, cfg: config.Config) -> int:
     if not args.task:
-        render.task_list(_live_tasks(cfg.metadata_dir, None), args.json)
+        _task_table(cfg.metadata_dir, None, args.json)
         return ExitStatus.OK
     store = TaskStore(cfg.metadata_dir)
     task = store.live(store.get(normalize_id(args.task)))
@@ -233,7 +274,9 @@ def cmd_task_detail(args: Namespace, cfg: config.Config) -> int:
 
 
 def cmd_config(args: Namespace, cfg: config.Config) -> int:
-    render.settings(cfg.rows(), args.json)
+    rows: list[dict[str, Any]] = [
+        {**r, "typed": cfg.get(r["name"])} if r["name"] != "token" else r for r in cfg.rows()]
+    render.settings(rows, args.json)
     return ExitStatus.OK
 
 
@@ -246,16 +289,20 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
         number, target = bm.resume_point(store, task.id)
         return _run_batch(cfg, store, task, number, target, args)
 
+    endpoint = endpoint_for(cfg, task.endpoint)
+    opts = downloader.options_from_config(cfg, **_tool_flags(args))
+
     def announce(commit: str) -> None:
         say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
                         f"{commit[:12]} -> {task.local_dir}")
+        say(args.quiet, tool_line(downloader.choose_tool(opts.tool), opts, endpoint))
 
     outcome = downloader.resume_task(
-        store, task.id, endpoint=endpoint_for(cfg, task.endpoint),
-        token=token_for(cfg), opts=downloader.options_from_config(cfg, **_tool_flags(args)),
+        store, task.id, endpoint=endpoint,
+        token=token_for(cfg), opts=opts,
         reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
         on_start=announce)
-    return report_result(outcome.task.id, outcome.result, args.json)
+    return report_result(outcome.task, outcome.result, args.json)
 
 
 def cmd_cancel(args: Namespace, cfg: config.Config) -> int:
@@ -369,8 +416,9 @@ def _batch_listing(cfg: config.Config, repo: RepoChoice) -> tuple[Any, str]:
 
 def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
     import batch_planner as bp
-    listing, _ = _batch_listing(cfg, _repo_choice(args))
-    analysis = bp.analyze_files(listing.files, available_space=args.available_space)
+    listing, _ = _batch_listing(cfg, _repo_choice(args, cfg))
+    analysis = bp.analyze_files(listing.files, available_space=args.available_space,
+                                safety_margin=args.safety_margin)
     analysis.update({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
                      "commit": listing.commit})
     if args.json:
@@ -384,7 +432,7 @@ def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
 def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, PlanChoice]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
-    repo = _repo_choice(args)
+    repo = _repo_choice(args, cfg)
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
                                  repo.exclude, args.available_space, args.safety_margin)

@@ -259,6 +259,17 @@ def register(metadata_dir: Path, listing: Listing, description: str | None = Non
     return entry
 
 
+def registered_type(metadata_dir: Path, repo_id: str) -> str | None:
+    """The type a repo was registered with (add-dataset, download), when only one type holds
+    that name; None when it is not registered, or is under two types (then the default holds)."""
+    if not registry_path(metadata_dir).exists():
+        return None
+    types = {d.get("repo_type") for d in load_registry(metadata_dir).values()
+             if d.get("repo_id") == repo_id}
+    only = types.pop() if len(types) == 1 else None
+    return only if only in REPO_TYPES else None
+
+
 def registry_ok(metadata_dir: Path) -> bool:
     try:
         load_registry(metadata_dir)

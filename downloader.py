@@ -150,7 +150,8 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
             result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet,
-                                   on_tick=TaskTicker(store, task.id, tracker, stopper))
+                                   on_tick=TaskTicker(store, task.id, tracker, stopper),
+                                   scope=[f.path for f in tracker.files] if todo is None else todo)
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))

@@ -268,14 +268,21 @@ def _backoff(base: float, tries: int, stop: threading.Event) -> None:
 def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Path, endpoint: str,
                   token: str | None, opts: Options, tool: str, stopper: Stopper,
                   log: logging.Logger, stream: TextIO, quiet: bool = False,
-                  on_tick: Callable[[], None] | None = None) -> RunResult:
-    """Download the given files of a task with -j workers; returns when all are done or stopped."""
+                  on_tick: Callable[[], None] | None = None,
+                  scope: list[str] | None = None) -> RunResult:
+    """Download the given files of a task with -j workers; returns when all are done or stopped.
+    The progress counts `scope` (the whole task or batch; default: the files to fetch): its
+    files not being fetched count as done, so a resumed run shows 8/13 files, not 0/5."""
     started = time.monotonic()
     children = ChildSet()
     chosen = BACKENDS[tool](opts, children)
     ranged = chosen if tool == "python" else BACKENDS["python"](opts, children)
-    todo_bytes = sum(tracker.by_path[p].size for p in paths_todo)
-    progress = Progress(len(paths_todo), todo_bytes, 0, 0, stream, opts.progress_interval, quiet)
+    fetching = set(paths_todo)
+    done = [p for p in (scope or paths_todo) if p not in fetching]
+    done_bytes = sum(tracker.by_path[p].size for p in done)
+    total_bytes = done_bytes + sum(tracker.by_path[p].size for p in paths_todo)
+    progress = Progress(len(done) + len(paths_todo), total_bytes, len(done), done_bytes, stream,
+                        opts.progress_interval, quiet)
     run = Run(tracker, local_dir, endpoint, token, opts, chosen, ranged, progress, stopper, log)
     work: queue.Queue[str] = queue.Queue()
     for p in paths_todo:

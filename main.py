@@ -7,6 +7,7 @@ Nothing else lives here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -24,11 +25,28 @@ log = logging.getLogger("hfdl")
 
 # ================================================================ argument parsing
 
+# Set by main() when --json is on the command line: then every error is also a JSON document
+# on stdout, argparse's usage errors included.
+_json_errors = False
+
+
+def report_error(message: str, hint: str | None, status: int) -> int:
+    """The one way an error is shown: `error:` and `hint:` on stderr, and with --json also
+    {"error", "hint", "exit_status"} on stdout for scripts. Returns the exit status."""
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    if _json_errors:
+        print(json.dumps({"error": message, "hint": hint, "exit_status": int(status)}),
+              flush=True)
+    return int(status)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line plus a hint, exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(ExitStatus.USAGE, f"error: {message}\nhint: see 'python {self.prog} --help'\n")
+        sys.exit(report_error(message, f"see 'python {self.prog} --help'", ExitStatus.USAGE))
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
@@ -203,6 +221,8 @@ def build_parser() -> Parser:
     _repo_args(p)
     p.add_argument("--available-space", type=_size, metavar="SIZE",
                    help="also say how many disks of this size it takes")
+    p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
+                   help="as for plan-batch: fill each disk to at most this fraction (default 0.9)")
     _json_arg(p)
 
     def batch_plan_args(p: argparse.ArgumentParser) -> None:
@@ -320,6 +340,9 @@ def _token_allowed(cfg: config.Config) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _json_errors
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _json_errors = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
     args = build_parser().parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -332,21 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from commands import HANDLERS
         return int(HANDLERS[args.command](args, cfg))
     except HFDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
         hint = exc.hint
         if cfg is not None and isinstance(exc, HubError) and not _token_allowed(cfg):
             hint = (f"your token was not sent to {cfg.endpoint}, which you did not name; "
                     f"to send it there, add --endpoint {cfg.endpoint}")
-        if hint:
-            print(f"hint: {hint}", file=sys.stderr)
         log.debug("error: %s", exc, exc_info=True)
-        return int(exc.exit_status)
+        return report_error(str(exc), hint, exc.exit_status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return int(ExitStatus.INTERRUPTED)
+        return _json_stop("interrupted", ExitStatus.INTERRUPTED)
     except Terminated:
         print("terminated", file=sys.stderr)
-        return int(ExitStatus.TERMINATED)
+        return _json_stop("terminated", ExitStatus.TERMINATED)
     except BrokenPipeError:
         return int(ExitStatus.OK)
     except Exception as exc:
@@ -354,10 +374,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         where = log_path or "the log (no log file could be written)"
-        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"hint: this is a bug; the traceback is in {where} (or run with --debug)",
-              file=sys.stderr)
-        return int(ExitStatus.INTERNAL)
+        return report_error(f"unexpected {type(exc).__name__}: {exc}",
+                            f"this is a bug; the traceback is in {where} (or run with --debug)",
+                            ExitStatus.INTERNAL)
+
+
+def _json_stop(what: str, status: int) -> int:
+    """^C or SIGTERM outside a run: stderr says it in one word; --json gets the document too."""
+    if _json_errors:
+        print(json.dumps({"error": what, "hint": None, "exit_status": int(status)}), flush=True)
+    return int(status)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from typing import TextIO
 from utils import format_duration, format_size
 
 
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {desc}"
+
+
 class Progress:
     """Bytes and files done, speed, ETA: a tqdm bar on a terminal, plain lines otherwise."""
 
@@ -31,8 +34,10 @@ class Progress:
             from tqdm import tqdm
             # A terminal that reports no width (a bare pty) still gets an 80-column bar.
             sized = shutil.get_terminal_size((0, 0)).columns > 0
-            self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=stream, dynamic_ncols=sized,
+            # tqdm's own scaling says "MB" for MiB: the bar shows our numbers (format_size,
+            # as the plain lines and `status` do) in its description instead.
+            self.bar = tqdm(total=total_bytes, initial=done_bytes, bar_format=BAR_FORMAT,
+                            file=stream, dynamic_ncols=sized,
                             ncols=None if sized else 80, nrows=None if sized else 24,
                             leave=True)
 
@@ -77,7 +82,7 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.n = min(done, self.total_bytes)
-            self.bar.set_postfix_str(f"{self.done_files}/{self.total_files} files", refresh=False)
+            self.bar.set_description_str(self.figures(done, self.speed()), refresh=False)
             self.bar.refresh()
             return
         if force or now - self._last_line >= self.interval:
@@ -95,10 +100,15 @@ class Progress:
         if final:       # the average over the run, not the last few seconds
             elapsed = time.monotonic() - self.started
             speed = self.fetched / elapsed if elapsed > 0 else 0.0
-        eta = (self.total_bytes - done) / speed if speed > 0 else None
         pct = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
         return (f"progress: {format_size(done)} / {format_size(self.total_bytes)} ({pct:.1f}%), "
-                f"{self.done_files}/{self.total_files} files, {format_size(speed)}/s, "
+                + self.figures(done, speed, sizes=False))
+
+    def figures(self, done: int, speed: float, sizes: bool = True) -> str:
+        """Bytes (in format_size units: MiB as MiB), files, speed and ETA, for bar and lines."""
+        eta = (self.total_bytes - done) / speed if speed > 0 else None
+        head = f"{format_size(done)} / {format_size(self.total_bytes)}, " if sizes else ""
+        return (f"{head}{self.done_files}/{self.total_files} files, {format_size(speed)}/s, "
                 f"ETA {format_duration(eta)}")
 
     def close(self) -> None:

@@ -31,17 +31,28 @@ def say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def file_listing(listing: Any, as_json: bool) -> None:
-    """`download --dry-run`: the files a download would fetch."""
+def file_listing(listing: Any, on_disk: dict[str, str], local_dir: Any, as_json: bool) -> None:
+    """`download --dry-run`: the files (sorted), which are already on disk (`on_disk`: path ->
+    "hash" or "size", what was checked), what is left to fetch, and the target folder."""
+    files = sorted(listing.files, key=lambda f: f.path)
+    todo = [f for f in files if f.path not in on_disk]
+    todo_bytes = sum(f.size for f in todo)
     if as_json:
         out_json({"repo_id": listing.repo_id, "repo_type": listing.repo_type,
-                  "commit": listing.commit, "total_size": listing.total_size,
-                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs} for f in listing.files]})
+                  "commit": listing.commit, "local_dir": str(local_dir),
+                  "total_size": listing.total_size, "file_count": len(files),
+                  "to_download_count": len(todo), "to_download_bytes": todo_bytes,
+                  "files": [{"path": f.path, "size": f.size, "lfs": f.lfs,
+                             "on_disk": f.path in on_disk, "checked": on_disk.get(f.path)}
+                            for f in files]})
         return
-    for f in listing.files:
-        out(f"{format_size(f.size):>12}  {f.path}")
-    out(f"{len(listing.files)} files, {format_size(listing.total_size)} "
+    for f in files:
+        mark = f"on disk ({on_disk[f.path]} checked)" if f.path in on_disk else ""
+        out(f"{mark:24}{format_size(f.size):>12}  {f.path}")
+    out(f"{len(files)} files, {format_size(listing.total_size)} "
         f"({listing.total_size} bytes) at commit {listing.commit}")
+    out(f"{len(todo)} files ({format_size(todo_bytes)}, {todo_bytes} bytes) to download "
+        f"out of {len(files)}, into {local_dir}")
 
 
 def task_row(t: Task) -> dict[str, Any]:
@@ -57,9 +68,17 @@ def _pct(t: Task) -> str:
     return f"{100.0 * t.bytes_done / total:5.1f}%" if total else "  -  "
 
 
-def task_list(tasks: list[Task], as_json: bool) -> None:
+def _filters(t: Task) -> str:
+    parts = [f"include {' '.join(t.include)}"] if t.include else []
+    return ", ".join(parts + ([f"exclude {' '.join(t.exclude)}"] if t.exclude else []))
+
+
+def task_list(tasks: list[Task], as_json: bool,
+              running: dict[str, int | None] | None = None) -> None:
+    """Tasks, each with a second line telling tasks of one repo apart: folder, revision, filters."""
+    running = running or {}
     if as_json:
-        out_json([task_row(t) for t in tasks])
+        out_json([{**task_row(t), "running_pid": running.get(t.id)} for t in tasks])
         return
     if not tasks:
         out("no tasks")
@@ -69,7 +88,12 @@ def task_list(tasks: list[Task], as_json: bool) -> None:
         out(f"{t.id:9} {t.status.value:10} {_pct(t):>6} "
             f"{t.files_done:>5}/{t.files_total:<5} "
             f"{format_size(t.bytes_total):>11}  {t.repo_id}"
-            + (" (dataset)" if t.repo_type == "dataset" else ""))
+            + (" (dataset)" if t.repo_type == "dataset" else "")
+            + (f" @ {t.revision}" if t.revision and t.revision != "main" else ""))
+        details = [f"-> {t.local_dir}"] + ([_filters(t)] if t.include or t.exclude else [])
+        if running.get(t.id):
+            details.append(f"PID {running[t.id]}")
+        out(" " * 10 + "  ".join(details))
 
 
 def status(task: Task, running_pid: int | None, as_json: bool) -> None:
@@ -116,16 +140,18 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
         out(f"  failed: {path}: {error}")
 
 
-def run_result(task_id: str, result: RunResult, as_json: bool) -> None:
-    """The outcome of a download or resume run (fetcher.RunResult)."""
+def run_result(task: Task, result: RunResult, as_json: bool) -> None:
+    """The outcome of a download or resume run (fetcher.RunResult) of `task`."""
     if as_json:
-        out_json({"task": task_id, "status": result.status.value, "reason": result.reason,
+        out_json({"task": task.id, "repo_id": task.repo_id, "repo_type": task.repo_type,
+                  "revision": task.revision, "commit": task.commit, "local_dir": task.local_dir,
+                  "status": result.status.value, "reason": result.reason,
                   "files_total": result.files_total, "files_done": result.files_done,
                   "files_failed": result.files_failed, "bytes_done": result.bytes_done,
                   "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
                   "failures": [{"path": p, "error": e} for p, e in result.failures]})
         return
-    out(f"{task_id}: {result.status.value}" + (f" ({result.reason})" if result.reason else "") +
+    out(f"{task.id}: {result.status.value}" + (f" ({result.reason})" if result.reason else "") +
         f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
         f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
     for path, error in result.failures[:20]:
@@ -147,10 +173,20 @@ def datasets(entries: list[dict], as_json: bool) -> None:
             f"{d.get('description', '')}")
 
 
-def settings(rows: list[dict[str, str]], as_json: bool) -> None:
-    """`config`: each setting, its value and where it came from."""
+def _json_value(value: Any) -> Any:
+    """A setting as scripts want it: numbers, booleans and lists as such, the rest as text."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def settings(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """`config`: each setting, its value and where it came from (`typed`: the value itself)."""
     if as_json:
-        out_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        out_json({r["name"]: {"value": _json_value(r.get("typed", r["value"])),
+                              "source": r["source"]} for r in rows})
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:

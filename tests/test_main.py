@@ -99,8 +99,8 @@ def test_config_json_shows_retry_delay_and_progress_interval(tmp_path: Path, mon
     monkeypatch.setenv("HFDL_PROGRESS_INTERVAL", "0.5")
     assert main.main(["config", "--json", *folders(tmp_path)]) == ExitStatus.OK
     js = json.loads(capsys.readouterr().out)
-    assert js["retry_base_delay"] == {"value": "1.0", "source": "default"}
-    assert js["progress_interval"] == {"value": "0.5", "source": "env HFDL_PROGRESS_INTERVAL"}
+    assert js["retry_base_delay"] == {"value": 1.0, "source": "default"}
+    assert js["progress_interval"] == {"value": 0.5, "source": "env HFDL_PROGRESS_INTERVAL"}
     assert main.main(["config", *folders(tmp_path)]) == ExitStatus.OK
     text = capsys.readouterr().out
     assert "retry_base_delay" in text and "[env HFDL_PROGRESS_INTERVAL]" in text

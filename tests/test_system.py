@@ -622,10 +622,10 @@ def test_config_shows_reserve_and_warning_with_sources(cli, hub):
         return {k: (js[k]["value"], js[k]["source"]) for k in ("disk_reserve", "disk_warn_percent")}
 
     got = effective()
-    assert got["disk_reserve"] == (str(MiB), "env HFDL_DISK_RESERVE")
+    assert got["disk_reserve"] == (MiB, "env HFDL_DISK_RESERVE")
     assert float(got["disk_warn_percent"][0]) == 90 and got["disk_warn_percent"][1] == "default"
     got = effective("--reserve", "5G", "--disk-warn-percent", "75")
-    assert got["disk_reserve"] == (str(5 * 2**30), "flag")
+    assert got["disk_reserve"] == (5 * 2**30, "flag")
     assert float(got["disk_warn_percent"][0]) == 75 and got["disk_warn_percent"][1] == "flag"
     got = effective(env={"HFDL_DISK_WARN_PERCENT": "80"})
     assert float(got["disk_warn_percent"][0]) == 80
@@ -635,7 +635,7 @@ def test_config_shows_reserve_and_warning_with_sources(cli, hub):
                      r.out, re.MULTILINE), r.out
     assert re.search(r"^disk_warn_percent\s+90(\.0)?%\s+\[default\]$", r.out, re.MULTILINE), r.out
     del cli.env["HFDL_DISK_RESERVE"]
-    assert effective()["disk_reserve"] == (str(2**30), "default")
+    assert effective()["disk_reserve"] == (2**30, "default")
     r = cli("config", "--disk-warn-percent", "0")
     assert r.code == 2 and "invalid percentage" in error_lines(r)[0]
 
