@@ -306,6 +306,9 @@ class _PrivateLog(logging.handlers.RotatingFileHandler):
 def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     """A rotated DEBUG log file per data folder; WARNING (minus 10 per -v) on stderr."""
     log.setLevel(logging.DEBUG)
+    for old in list(log.handlers):       # main() run again in one process: no stale handlers
+        log.removeHandler(old)
+        old.close()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.ERROR if quiet else max(logging.DEBUG, logging.WARNING - 10 * verbose))
     console.setFormatter(_NoTraceback("%(levelname)s: %(message)s"))
