@@ -14,7 +14,7 @@ import config
 import render
 from render import out, out_json, say
 from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
-from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_name
+from utils import ExitStatus, HFDError, MetadataError, UsageError, format_size, repo_folder_name
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -329,13 +329,22 @@ def cmd_fix_progress(args: Namespace, cfg) -> int:
     if not dm.registry_ok(cfg.metadata_dir):
         count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())
         out(f"rebuilt {dm.registry_path(cfg.metadata_dir)} with {count} repos from the tasks")
+    unfixable: list[MetadataError] = []
     for tid in [normalize_id(t) for t in args.tasks] or sorted(store.all()):
-        fix = maintenance.fix_task(store, store.get(tid))
+        try:
+            fix = maintenance.fix_task(store, store.get(tid))
+        except MetadataError as exc:        # file_list.json: what the Hub listed, not rebuildable
+            unfixable.append(exc)
+            print(f"error: {tid}: {exc}", file=sys.stderr)
+            continue
         if fix.rebuilt:
             out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
         changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
         out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
             f"{fix.summary['files_total']} files complete, status {fix.status.value})")
+    if unfixable:
+        print(f"hint: {unfixable[0].hint}", file=sys.stderr)
+        return ExitStatus.ERROR
     return ExitStatus.OK
 
 

@@ -7,6 +7,7 @@ Nothing else lives here.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import logging.handlers
 import os
@@ -341,15 +342,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitStatus.TERMINATED)
     except BrokenPipeError:
         return int(ExitStatus.OK)
-    except Exception as exc:
-        log.error("unexpected error", exc_info=True)
-        if args.debug:
-            raise
-        where = log_path or "the log (no log file could be written)"
-        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"hint: this is a bug; the traceback is in {where} (or run with --debug)",
+    except OSError as exc:
+        folder = _metadata_folder_of(exc, cfg)
+        if folder is None or args.debug:
+            return _unexpected(exc, args, log_path)
+        print(f"error: cannot write the metadata folder {folder}: {_os_reason(exc)}",
               file=sys.stderr)
-        return int(ExitStatus.INTERNAL)
+        print("hint: make it writable, or point --metadata-dir (env METADATA_DIR) elsewhere",
+              file=sys.stderr)
+        log.debug("metadata folder error: %s", exc, exc_info=True)
+        return int(ExitStatus.ERROR)
+    except Exception as exc:
+        return _unexpected(exc, args, log_path)
+
+
+def _metadata_folder_of(exc: OSError, cfg: config.Config | None) -> Path | None:
+    """The metadata folder when `exc` is about a file in it (a read-only or unreadable folder)."""
+    if cfg is None or not exc.filename or exc.errno not in _FOLDER_ERRNOS:
+        return None
+    folder = Path(os.path.abspath(cfg.metadata_dir))
+    path = Path(os.path.abspath(os.fsdecode(exc.filename)))
+    return folder if path == folder or folder in path.parents else None
+
+
+_FOLDER_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+                  errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_reason(exc: OSError) -> str:
+    return _FOLDER_ERRNOS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+
+
+def _unexpected(exc: BaseException, args: argparse.Namespace, log_path: Path | None) -> int:
+    """A bug: the traceback goes to the log (or, with --debug, to the terminal)."""
+    log.error("unexpected error", exc_info=exc)
+    if args.debug:
+        raise exc
+    where = log_path or "the log (no log file could be written)"
+    print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"hint: this is a bug; the traceback is in {where} (or run with --debug)",
+          file=sys.stderr)
+    return int(ExitStatus.INTERNAL)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,10 @@ class Task:
         if "id" not in known:
             raise MetadataError(f"metadata file {source} has a task record without an id",
                                 hint=_INDEX_HINT)
+        if known.get("kind") and not known.get("local_dir"):
+            # without it, resume, verify and clean would work on the current folder
+            raise MetadataError(f"metadata file {source}: task {known['id']!r} has no 'local_dir'",
+                                hint=_INDEX_HINT)
         return cls(**known, json_keys=tuple(data), extra=extra)
 
     def to_json(self) -> dict[str, Any]:
