@@ -127,6 +127,8 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
     repo = _repo_choice(args)
+    if not args.dry_run:
+        dm.load_registry(cfg.metadata_dir)     # a corrupt datasets.json fails before any download
     endpoint = endpoint_for(cfg)
     token = token_for(cfg)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
@@ -393,7 +395,9 @@ def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
 def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, PlanChoice]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
+    import dataset_manager as dm
     repo = _repo_choice(args)
+    dm.load_registry(cfg.metadata_dir)         # a corrupt datasets.json fails before any plan
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
                                  repo.exclude, args.available_space, args.safety_margin)
