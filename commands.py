@@ -325,8 +325,15 @@ def cmd_fix_progress(args: Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     if not store.index_ok():
-        ids = store.rebuild_index()
+        notes: list[str] = []
+        ids = store.rebuild_index(maintenance.recover_record(
+            store, lambda repo_id: target_dir(None, cfg.downloads_dir, repo_id)), notes)
         out(f"rebuilt {store.index} from {len(ids)} task folders")
+        for note in notes:
+            if ": dropped: " in note:
+                print(f"warning: {note}", file=sys.stderr)
+            else:
+                out(note)
     import dataset_manager as dm
     if not dm.registry_ok(cfg.metadata_dir):
         count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())

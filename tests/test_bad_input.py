@@ -244,8 +244,9 @@ def test_download_with_a_corrupt_registry_fails_before_downloading(cli, hub):
 
 # ================================================================ fix-progress keeps tasks
 
+@pytest.mark.parametrize("index", ["corrupt", "readable"])
 @pytest.mark.parametrize("damage", ["truncate", "wrong-type", "missing"])
-def test_fix_progress_rebuilds_a_task_whose_record_is_corrupt(cli, hub, damage):
+def test_fix_progress_rebuilds_a_task_whose_record_is_corrupt(cli, hub, damage, index):
     folder = downloaded(cli, hub)
     meta = task_file(cli, "task_metadata.json")
     if damage == "truncate":
@@ -254,10 +255,15 @@ def test_fix_progress_rebuilds_a_task_whose_record_is_corrupt(cli, hub, damage):
         edit_json(meta, lambda d: d.update(files_done="x"))
     else:
         meta.unlink()
-    (cli.metadata / "tasks.json").write_text("{")                   # the index must be rebuilt
+    tasks_json = cli.metadata / "tasks.json"          # the index must be rebuilt
+    if index == "corrupt":
+        tasks_json.write_text("{")
+    else:                                             # its records still read: they are used
+        edit_json(tasks_json, lambda d: d.update(schema_version="2"))
     r = cli("fix-progress")
     assert r.code == 0, r.text
-    assert "task_001" in r.out and "rebuilt" in r.out, r.out
+    source = "file_list.json" if index == "corrupt" else str(tasks_json)
+    assert f"task_001: rebuilt from {source}" in r.out, r.out
     tasks = json.loads(cli("list-tasks", "--json").out)
     assert [t["id"] for t in tasks] == ["task_001"], tasks
     st = json.loads(cli("status", "task_001", "--json").out)
@@ -277,4 +283,9 @@ def test_fix_progress_says_what_it_drops(cli, hub):
     assert r.code == 0, r.text
     assert "task_001" in r.err and "dropped" in r.err, r.err
     assert str(task_file(cli, "task_metadata.json")) in r.err, r.err
-    assert task_file(cli, "file_list.json").exists()                 # the folder is kept
+    aside = cli.metadata / "tasks" / "task_001.dropped"
+    assert str(aside) in r.err and (aside / "file_list.json").exists(), r.err   # kept aside
+    assert json.loads(cli("list-tasks", "--json").out) == []
+    assert cli("download", "one", "--tool", "python").code == 0       # a new task_001
+    assert hub.count(path_contains="/resolve/") == len(FILES)         # the files were checked
+    assert (aside / "file_list.json").exists()
