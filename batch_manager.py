@@ -98,13 +98,20 @@ class Plan:
                      for f in _typed(data, "files", list)]
             state = {int(n): _typed(data["state"], n, dict)
                      for n in _typed(data, "state", dict, {})}
+            batches = [Batch.from_dict(b) for b in _typed(data, "batches", list)]
+            listed = {f.path for f in files}
+            for batch in batches:
+                unlisted = [p for p in batch.paths if p not in listed]
+                if unlisted:
+                    raise ValueError(f"batch {batch.number} names {unlisted[0]!r}, which its "
+                                     f"'files' do not list")
             return cls(plan_id=_typed(data, "plan_id", str), repo_id=_typed(data, "repo_id", str),
                        repo_type=_typed(data, "repo_type", str),
                        revision=_typed(data, "revision", str), commit=_typed(data, "commit", str),
                        available_space=_typed(data, "available_space", int),
                        safety_margin=_typed(data, "safety_margin", float),
                        capacity=_typed(data, "capacity", int), files=files,
-                       batches=[Batch.from_dict(b) for b in _typed(data, "batches", list)],
+                       batches=batches,
                        state=state, current=_typed(data, "current", int, None),
                        created_at=_typed(data, "created_at", str, None),
                        schema_version=_typed(data, "schema_version", int, SCHEMA_VERSION),

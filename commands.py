@@ -14,7 +14,7 @@ import config
 import render
 from render import out, out_json, say
 from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
-from utils import ExitStatus, HFDError, UsageError, format_size, repo_folder_name
+from utils import ExitStatus, HFDError, MetadataError, UsageError, format_size, repo_folder_name
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -136,6 +136,8 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
     repo = _repo_choice(args, cfg)
+    if not args.dry_run:
+        dm.load_registry(cfg.metadata_dir)     # a corrupt datasets.json fails before any download
     endpoint = endpoint_for(cfg)
     token = token_for(cfg)
     listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
@@ -370,19 +372,35 @@ def cmd_fix_progress(args: Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     if not store.index_ok():
-        ids = store.rebuild_index()
+        notes: list[str] = []
+        ids = store.rebuild_index(maintenance.recover_record(
+            store, lambda repo_id: target_dir(None, cfg.downloads_dir, repo_id)), notes)
         out(f"rebuilt {store.index} from {len(ids)} task folders")
+        for note in notes:
+            if ": dropped: " in note:
+                print(f"warning: {note}", file=sys.stderr)
+            else:
+                out(note)
     import dataset_manager as dm
     if not dm.registry_ok(cfg.metadata_dir):
         count = dm.rebuild_registry(cfg.metadata_dir, store.all().values())
         out(f"rebuilt {dm.registry_path(cfg.metadata_dir)} with {count} repos from the tasks")
+    unfixable: list[MetadataError] = []
     for tid in [normalize_id(t) for t in args.tasks] or sorted(store.all()):
-        fix = maintenance.fix_task(store, store.get(tid))
+        try:
+            fix = maintenance.fix_task(store, store.get(tid))
+        except MetadataError as exc:        # file_list.json: what the Hub listed, not rebuildable
+            unfixable.append(exc)
+            print(f"error: {tid}: {exc}", file=sys.stderr)
+            continue
         if fix.rebuilt:
             out(f"{tid}: file_status.json was unreadable; rebuilt from the disk")
         changed = ", ".join(f"{v} {k.replace('now_', 'now ')}" for k, v in fix.changes.items() if v)
         out(f"{tid}: {changed or 'no change'} ({fix.summary['files_done']}/"
             f"{fix.summary['files_total']} files complete, status {fix.status.value})")
+    if unfixable:
+        print(f"hint: {unfixable[0].hint}", file=sys.stderr)
+        return ExitStatus.ERROR
     return ExitStatus.OK
 
 
@@ -432,7 +450,9 @@ def cmd_analyze_dataset(args: Namespace, cfg: config.Config) -> int:
 def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, PlanChoice]:
     """The flags of plan-batch and batch-download, to batch_manager.plan_or_reuse."""
     import batch_manager as bm
+    import dataset_manager as dm
     repo = _repo_choice(args, cfg)
+    dm.load_registry(cfg.metadata_dir)         # a corrupt datasets.json fails before any plan
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
                                  repo.exclude, args.available_space, args.safety_margin)

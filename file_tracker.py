@@ -97,6 +97,13 @@ class FileTracker:
             status = data.get("files")
             if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
                 raise MetadataError(f"metadata file {path} has a bad 'files' object")
+            for name, entry in status.items():
+                for key in ("actual_size", "attempts"):
+                    value = entry.get(key, 0)
+                    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                              or value < 0):
+                        raise MetadataError(f"metadata file {path}: {name!r} has a bad {key!r} "
+                                            f"(expected a whole number, got {value!r})")
         except MetadataError as exc:
             raise MetadataError(str(exc), hint="run 'python main.py fix-progress' to rebuild it "
                                                "from the files on disk") from None
@@ -242,18 +249,31 @@ class FileTracker:
 def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
     """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
     path = folder / FILE_LIST
-    listing = read_json(path)
+    try:
+        listing = read_json(path)
+    except MetadataError as exc:
+        raise MetadataError(str(exc), hint=_LIST_HINT) from None
     entries = listing.get("files")
     if not isinstance(entries, list):
-        raise MetadataError(f"metadata file {path} has no 'files' list",
-                            hint="delete the task ('clean') and download again")
+        raise MetadataError(f"metadata file {path} has no 'files' list", hint=_LIST_HINT)
     try:
-        files = [RemoteFile(safe_relpath(e["filename"]), int(e["expected_size"]),
+        files = [RemoteFile(safe_relpath(e["filename"]), _whole(e["expected_size"]),
                             e["blob_id"], e.get("sha256")) for e in entries]
     except (KeyError, TypeError, ValueError) as exc:
         raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
-                            hint="delete the task ('clean') and download again") from None
+                            hint=_LIST_HINT) from None
     return files, {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
+
+
+_LIST_HINT = ("this file holds the Hub's listing and cannot be rebuilt: remove the task with "
+              "'python main.py clean --all TASK' and download again (the files on disk are "
+              "checked, not fetched again)")
+
+
+def _whole(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"expected a whole number of bytes, got {value!r}")
+    return value
 
 
 def _new_status(f: RemoteFile) -> dict[str, Any]:

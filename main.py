@@ -7,6 +7,7 @@ Nothing else lives here.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -76,6 +77,17 @@ def _revision(text: str) -> str:
     return text
 
 
+def _folder(text: str) -> str:
+    """A folder given on the command line; one that is not UTF-8 (a Latin-1 name, say) could not
+    be recorded in the JSON metadata or shown, so it is refused up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"the path is not valid UTF-8: {shown}") from None
+    return text
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -86,9 +98,9 @@ def _size(text: str) -> int:
 def _common() -> Parser:
     common = Parser(add_help=False)
     g = common.add_argument_group("common options")
-    g.add_argument("--metadata-dir", help="task records (env METADATA_DIR; default ./metadata)")
-    g.add_argument("--downloads-dir", help="download root (env DOWNLOADS_DIR; default ./downloads)")
-    g.add_argument("--logs-dir", help="log folder (env LOGS_DIR; default ./logs)")
+    g.add_argument("--metadata-dir", type=_folder, help="task records (env METADATA_DIR; default ./metadata)")
+    g.add_argument("--downloads-dir", type=_folder, help="download root (env DOWNLOADS_DIR; default ./downloads)")
+    g.add_argument("--logs-dir", type=_folder, help="log folder (env LOGS_DIR; default ./logs)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -143,7 +155,7 @@ def build_parser() -> Parser:
     p = add("download", "download a repo (resumes the same download if it exists)")
     _repo_args(p)
     _tool_args(p)
-    p.add_argument("--local-dir", help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+    p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
                    help="delete local files that the new commit removed")
@@ -195,7 +207,7 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="check sizes only")
     p.add_argument("--batch", type=_positive_int, metavar="N",
                    help="batch task: check batch N on the disk mounted now")
-    p.add_argument("--local-dir", help="batch task: where that disk is now (default: where "
+    p.add_argument("--local-dir", type=_folder, help="batch task: where that disk is now (default: where "
                                        "the batch was downloaded)")
     _json_arg(p)
 
@@ -230,12 +242,12 @@ def build_parser() -> Parser:
                        help="the size of one disk (e.g. 10T)")
         p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
                        help="fill each disk to at most this fraction (default 0.9)")
-        p.add_argument("--local-dir", help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+        p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
 
     p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
     _repo_args(p)
     batch_plan_args(p)
-    p.add_argument("--output", metavar="FILE", help="also write the plan as a self-contained file")
+    p.add_argument("--output", type=_folder, metavar="FILE", help="also write the plan as a self-contained file")
     _json_arg(p)
 
     p = add("batch-download", "plan (or reuse the plan) and download batch 1")
@@ -247,7 +259,7 @@ def build_parser() -> Parser:
     p = add("batch-continue", "download batch N onto the disk now at the target")
     p.add_argument("task", help="batch task id, or a plan file written by plan-batch --output")
     p.add_argument("batch", type=_positive_int, help="batch number")
-    p.add_argument("--local-dir", help="target folder (default: the task's)")
+    p.add_argument("--local-dir", type=_folder, help="target folder (default: the task's)")
     p.add_argument("--endpoint", help="Hub or mirror URL (default: the task's, or HF_ENDPOINT)")
     _tool_args(p)
     _json_arg(p)
@@ -372,14 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _json_stop("terminated", ExitStatus.TERMINATED)
     except BrokenPipeError:
         return int(ExitStatus.OK)
+    except OSError as exc:
+        folder = _metadata_folder_of(exc, cfg)
+        if folder is None or args.debug:
+            return _unexpected(exc, args, log_path)
+        log.debug("metadata folder error: %s", exc, exc_info=True)
+        return report_error(f"cannot write the metadata folder {folder}: {_os_reason(exc)}",
+                            "make it writable, or point --metadata-dir (env METADATA_DIR) "
+                            "elsewhere", ExitStatus.ERROR)
     except Exception as exc:
-        log.error("unexpected error", exc_info=True)
-        if args.debug:
-            raise
-        where = log_path or "the log (no log file could be written)"
-        return report_error(f"unexpected {type(exc).__name__}: {exc}",
-                            f"this is a bug; the traceback is in {where} (or run with --debug)",
-                            ExitStatus.INTERNAL)
+        return _unexpected(exc, args, log_path)
 
 
 def _json_stop(what: str, status: int) -> int:
@@ -387,6 +401,35 @@ def _json_stop(what: str, status: int) -> int:
     if _json_errors:
         print(json.dumps({"error": what, "hint": None, "exit_status": int(status)}), flush=True)
     return int(status)
+
+
+def _metadata_folder_of(exc: OSError, cfg: config.Config | None) -> Path | None:
+    """The metadata folder when `exc` is about a file in it (a read-only or unreadable folder)."""
+    if cfg is None or not exc.filename or exc.errno not in _FOLDER_ERRNOS:
+        return None
+    folder = Path(os.path.abspath(cfg.metadata_dir))
+    path = Path(os.path.abspath(os.fsdecode(exc.filename)))
+    return folder if path == folder or folder in path.parents else None
+
+
+_FOLDER_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+                  errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_reason(exc: OSError) -> str:
+    return _FOLDER_ERRNOS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+
+
+def _unexpected(exc: BaseException, args: argparse.Namespace, log_path: Path | None) -> int:
+    """A bug: the traceback goes to the log (or, with --debug, to the terminal)."""
+    log.error("unexpected error", exc_info=exc)
+    if args.debug:
+        raise exc
+    where = log_path or "the log (no log file could be written)"
+    return report_error(f"unexpected {type(exc).__name__}: {exc}",
+                        f"this is a bug; the traceback is in {where} (or run with --debug)",
+                        ExitStatus.INTERNAL)
 
 
 if __name__ == "__main__":

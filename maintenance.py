@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Set
+from collections.abc import Callable, Set
+from typing import Any
 
 from file_tracker import (CheckResult, FileTracker, apply_checks, check_files,
                           delete_local_files, reconcile_with_disk)
@@ -73,6 +74,43 @@ def fix_task(store: TaskStore, task: Task) -> FixReport:
             status = TaskState.PAUSED
         store.update(tid, status=status, pid=None, **summary)
     return FixReport(tid, changes, summary, status, rebuilt)
+
+
+def recover_record(store: TaskStore, default_dir: Callable[[str], Path]
+                   ) -> Callable[[str, dict[str, Any]], dict[str, Any] | None]:
+    """For TaskStore.rebuild_index: a task record made from the task's file_list.json and what
+    the old tasks.json still says of it (its good fields). The target folder is the recorded
+    one, else the default folder of the repo when that exists; else None (no record)."""
+    def recover(tid: str, old: dict[str, Any]) -> dict[str, Any] | None:
+        folder = store.folder(tid)
+        try:
+            tracker = FileTracker.rebuild(folder, tid)
+        except MetadataError:
+            return None
+        good = {k: v for k, v in old.items() if _field_ok(tid, k, v)}
+        if (folder / "batch_plan.json").exists() and "plan_id" not in good:
+            return None                     # a batch task: its plan and disks are not known here
+        repo_id = str(tracker.meta.get("repo_id") or good.get("repo_id") or "")
+        local_dir = good.get("local_dir")
+        if not local_dir and repo_id and default_dir(repo_id).is_dir():
+            local_dir = str(default_dir(repo_id))
+        if not repo_id or not local_dir:
+            return None
+        return {"id": tid, "status": TaskState.PAUSED.value,
+                "reason": "rebuilt by fix-progress", "kind": "download", "repo_id": repo_id,
+                "repo_type": tracker.meta.get("repo_type") or "model", "revision": None,
+                "include": [], "exclude": [], "commit": tracker.meta.get("commit"),
+                **good, "local_dir": local_dir, "files_total": len(tracker.files),
+                "bytes_total": sum(f.size for f in tracker.files)}
+    return recover
+
+
+def _field_ok(tid: str, key: str, value: Any) -> bool:
+    try:
+        Task.from_json({"id": tid, "local_dir": "/", key: value}, "")
+    except MetadataError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- clean

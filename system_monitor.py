@@ -364,7 +364,13 @@ def preflight(path: str | os.PathLike[str], *, needed: int, reserve: int) -> Dis
         raise HFDError(f"cannot write to {path}: read-only file system",
                        hint="pick another folder with --local-dir")
     # Space next: it has no side effects, and on a full disk the probe would fail with ENOSPC.
+    # A folder we cannot write at all (/proc, a folder of another user) has no space either:
+    # say what stops us, since freeing space would not help.
     if usage.free - reserve < needed:
+        reason = check_writable(path, create=False)
+        if reason and reason not in (_ERRNO_REASONS[errno.ENOSPC], _ERRNO_REASONS[errno.EDQUOT]):
+            raise HFDError(f"cannot write to {path}: {reason}",
+                           hint="pick another folder with --local-dir")
         raise DiskSpaceError(
             f"not enough space in {path}: {format_size(needed)} needed, {format_size(usage.free)} "
             f"free ({format_size(reserve)} kept in reserve)",

@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -99,6 +101,10 @@ class Task:
                 extra[key] = value
         if "id" not in known:
             raise MetadataError(f"metadata file {source} has a task record without an id",
+                                hint=_INDEX_HINT)
+        if known.get("kind") and not known.get("local_dir"):
+            # without it, resume, verify and clean would work on the current folder
+            raise MetadataError(f"metadata file {source}: task {known['id']!r} has no 'local_dir'",
                                 hint=_INDEX_HINT)
         return cls(**known, json_keys=tuple(data), extra=extra)
 
@@ -292,25 +298,50 @@ class TaskStore:
         matches = [t for t in self.all().values() if t.matches(identity)]
         return max(matches, key=lambda t: t.id) if matches else None
 
-    def rebuild_index(self) -> list[str]:
-        """fix-progress: rebuild tasks.json from each task folder's task_metadata.json."""
+    def rebuild_index(self, recover: Callable[[str, dict[str, Any]], dict[str, Any] | None]
+                      | None = None, notes: list[str] | None = None) -> list[str]:
+        """fix-progress: rebuild tasks.json from each task folder's task_metadata.json.
+
+        A folder whose task_metadata.json is unreadable keeps its task when the old tasks.json
+        still holds a good record of it, or when `recover(task_id, old_record)` makes one (from
+        file_list.json); else it is moved aside to `<id>.dropped`. Each is said in `notes`."""
+        notes = [] if notes is None else notes
         with self._index_lock():
+            old = _readable_records(self.index)
             tasks: dict[str, Any] = {}
             folder = self.root / "tasks"
-            for meta in sorted(folder.glob("task_*/task_metadata.json")) if folder.is_dir() else []:
+            found = sorted(p for p in folder.iterdir()
+                           if p.is_dir() and _TASK_DIR.fullmatch(p.name)) if folder.is_dir() else []
+            for task_dir in found:
+                tid, meta = task_dir.name, task_dir / "task_metadata.json"
                 try:
                     data = read_json(meta)
-                except MetadataError:
+                    data.pop("schema_version", None)
+                    if data.get("id") != tid:
+                        raise MetadataError(f"metadata file {meta} is of task {data.get('id')!r}")
+                    Task.from_json(data, meta)  # a record of the wrong shape would break commands
+                    tasks[tid] = data
                     continue
-                data.pop("schema_version", None)
-                try:
-                    Task.from_json(data, meta)
-                except MetadataError:
-                    continue            # a record of the wrong shape would break every command
-                if data.get("id") == meta.parent.name:
-                    tasks[data["id"]] = data
+                except MetadataError as exc:
+                    why = str(exc)
+                record, source = old.get(tid), str(self.index)
+                if record is not None and not _valid(record, tid):
+                    record = None
+                if record is None and recover is not None:
+                    record, source = recover(tid, old.get(tid) or {}), "file_list.json"
+                if record is not None and _valid(record, tid):
+                    tasks[tid] = record
+                    notes.append(f"{tid}: rebuilt from {source} ({why})")
+                    continue
+                aside = _free_name(task_dir.with_name(tid + ".dropped"))
+                task_dir.rename(aside)
+                notes.append(f"{tid}: dropped: {why}; neither {self.index.name} nor its "
+                             f"file_list.json could rebuild it (its metadata is kept in {aside})")
             write_json_atomic(self.index, {"schema_version": SCHEMA_VERSION,
                                            "next_id": _highest_id(tasks) + 1, "tasks": tasks})
+        for tid in tasks:
+            if any(n.startswith(f"{tid}: rebuilt") for n in notes):
+                self.write_metadata(Task.from_json(tasks[tid], self.index))
         return sorted(tasks)
 
     def index_ok(self) -> bool:
@@ -409,6 +440,34 @@ def normalize_id(task_id: str) -> str:
     if not digits.isdigit():
         raise UsageError(f"invalid task id {task_id!r}", hint="task ids look like task_001")
     return f"task_{int(digits):03d}"
+
+
+_TASK_DIR = re.compile(r"task_\d+")
+
+
+def _readable_records(index: Path) -> dict[str, Any]:
+    """The task records of a tasks.json that may be damaged: whatever still reads."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    return {k: v for k, v in tasks.items() if isinstance(v, dict)} if isinstance(tasks, dict) else {}
+
+
+def _valid(record: dict[str, Any], task_id: str) -> bool:
+    try:
+        return Task.from_json(record, "").id == task_id
+    except MetadataError:
+        return False
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def _highest_id(tasks: dict[str, Any]) -> int:

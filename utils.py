@@ -180,7 +180,11 @@ def read_json(path: str | Path, *, kind: type[dict] | type[list] = dict,
     if not isinstance(data, kind):
         raise MetadataError(f"metadata file {path} has the wrong shape (expected a JSON "
                             f"{'object' if kind is dict else 'list'})", hint=_RECOVER_HINT)
-    if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+    version = data.get("schema_version", SCHEMA_VERSION) if isinstance(data, dict) else None
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise MetadataError(f"metadata file {path} has a bad 'schema_version' (expected an "
+                            f"integer, got {version!r})", hint=_RECOVER_HINT)
+    if version is not None and version > SCHEMA_VERSION:
         raise MetadataError(f"metadata file {path} was written by a newer version of this tool",
                             hint="upgrade this tool, or point --metadata-dir elsewhere")
     return data

@@ -153,7 +153,7 @@ def test_resolve_endpoint_prefers_configured_then_task_then_no_probe() -> None:
 # ---------------------------------------------------------------- tasks and cancel
 
 def _task(store: TaskStore, **fields) -> str:
-    return store.create({"kind": "download", "repo_id": "gpt2", **fields}).id
+    return store.create({"kind": "download", "repo_id": "gpt2", "local_dir": "/data/gpt2", **fields}).id
 
 
 class FakeClock:

@@ -13,7 +13,8 @@ import task_manager
 from task_manager import Task, TaskState, TaskStore, normalize_id
 from utils import MetadataError, TaskLockedError, UsageError
 
-SPEC = {"kind": "download", "repo_id": "org/repo", "repo_type": "model", "revision": "main"}
+SPEC = {"kind": "download", "repo_id": "org/repo", "repo_type": "model", "revision": "main",
+        "local_dir": "/data/repo"}
 
 
 @pytest.fixture
