@@ -407,13 +407,19 @@ class TaskStore:
             return None
 
     def is_locked(self, task_id: str) -> bool:
-        from filelock import FileLock, Timeout
-        lock = FileLock(str(self.paths(task_id).lock), timeout=0)
+        """Whether a process holds the task, probed read-only: a reader (status, list-tasks)
+        creates no file and works on a read-only metadata folder."""
+        import fcntl
         try:
-            lock.acquire()
-        except Timeout:
+            fd = os.open(self.paths(task_id).lock, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return False                 # never locked: the lock file is made by the first lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
-        lock.release()
+        finally:
+            os.close(fd)                 # closing drops our probe's own flock too
         return False
 
     def request_cancel(self, task_id: str) -> None:
