@@ -351,7 +351,7 @@ def cmd_clean(args: Namespace, cfg) -> int:
     for tid in running:
         out(f"skipped {tid}: it is running")
     for tid in sorted(wanted - set(store.all()) - {c.task_id for c in removed}):
-        out(f"no task {tid}")
+        out(f"no task {tid} in {store.root}")
     if not removed:
         which = "completed" if not args.all else "completed, cancelled or failed"
         out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 import main
 from tests.fakehub import FakeHub
-from tests.helpers import ROOT, Cli, assert_same_tree, error_lines
+from tests.helpers import ROOT, Cli, Result, assert_same_tree, clean_env, error_lines
 from utils import ExitStatus
 
 FILES = {"config.json": b'{"a": 1}', "vocab.json": b"{}", "merges.txt": b"m",
@@ -119,6 +120,61 @@ def test_help_lists_the_common_options_and_stays_light() -> None:
     r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                        timeout=60, check=False)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ================================================================ 2. folders beside main.py
+
+def copy_of_the_tool(tmp_path: Path) -> Path:
+    """main.py and its modules in a folder of their own, so its default folders are there."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for path in ROOT.glob("*.py"):
+        shutil.copy2(path, app / path.name)
+    return app
+
+
+def run_copy(app: Path, cwd: Path, env: dict[str, str], *args: str) -> Result:
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(app / "main.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_default_folders_are_beside_main_py(tmp_path: Path, hub: FakeHub) -> None:
+    hub.add_repo("gpt2", FILES)
+    app = copy_of_the_tool(tmp_path)
+    env = clean_env(tmp_path, hub.url)
+    for var in ("METADATA_DIR", "DOWNLOADS_DIR", "LOGS_DIR"):
+        del env[var]
+    home, cron = tmp_path / "home", tmp_path / "cron"
+    js = json.loads(run_copy(app, home, env, "config", "--json").out)
+    for name in ("metadata", "downloads", "logs"):
+        assert js[f"{name}_dir"] == {"value": str(app / name), "source": "default"}
+    r = run_copy(app, home, env, "download", "gpt2", "--tool", "python")
+    assert r.code == 0, r.text
+    assert_same_tree(app / "downloads" / "gpt2", FILES)
+    assert (app / "logs" / "download.log").is_file()
+    assert not (home / "downloads").exists() and not (home / "metadata").exists()
+    # a cron job started elsewhere finds the same task
+    r = run_copy(app, cron, env, "list-tasks")
+    assert r.code == 0 and "task_001" in r.out, r.text
+    r = run_copy(app, cron, env, "status", "task_007")
+    assert r.code == ExitStatus.USAGE
+    assert error_lines(r) == [f"error: no task task_007 in {app / 'metadata'}"]
+    # the environment and the flags still override the default
+    r = run_copy(app, cron, {**env, "METADATA_DIR": str(tmp_path / "elsewhere")}, "list-tasks")
+    assert r.code == 0 and "task_001" not in r.out, r.text
+    js = json.loads(run_copy(app, cron, {**env, "METADATA_DIR": "x"}, "--metadata-dir", "y",
+                             "config", "--json").out)
+    assert js["metadata_dir"] == {"value": str(cron / "y"), "source": "flag"}
+
+
+def test_no_task_names_the_metadata_folder(inproc: Path, capsys) -> None:
+    md = inproc / "meta"
+    assert main.main(["task-detail", "3", "--metadata-dir", str(md)]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert f"error: no task task_003 in {md}\n" in err, err
 
 
 # ================================================================ 4. habits of hf download
