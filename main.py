@@ -59,10 +59,10 @@ class _Patterns(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         values = list(values)
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
-        later = values[1:] or values
-        plain = [v for v in later if not any(c in v for c in "*?[")]
-        if isinstance(parser, Parser):
-            parser.swallowed = (option_string or "--include", (plain or later)[0])
+        # a repo id has no glob characters; a lone glob is no swallowed repo
+        plain = [v for v in values[1:] or values if not any(c in v for c in "*?[")]
+        if isinstance(parser, Parser) and plain:
+            parser.swallowed = (option_string or "--include", plain[0])
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
@@ -174,7 +174,7 @@ def build_parser() -> Parser:
 
     p = add("download", "download a repo (resumes the same download if it exists)")
     _repo_args(p)
-    p.add_argument("files", nargs="*", metavar="FILE",
+    p.add_argument("files", nargs="*", default=[], metavar="FILE",
                    help="only these files (exact repo paths, as in 'hf download gpt2 config.json')")
     _tool_args(p)
     p.add_argument("--local-dir", help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
@@ -326,7 +326,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(typo)
     args, extras = parser.parse_known_args(argv)
     if args.command == "download":      # FILEs after an option: `download gpt2 -q config.json`
-        args.files += [e for e in extras if not e.startswith("-")]
+        args.files = [*args.files, *(e for e in extras if not e.startswith("-"))]
         extras = [e for e in extras if e.startswith("-")]
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

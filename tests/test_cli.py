@@ -224,6 +224,8 @@ def test_include_does_not_swallow_the_repo(cli: Cli, hub: FakeHub, capsys) -> No
                     "--include=PAT")
     line = usage_error(["download", "--exclude", "*.bin", "*.txt", "org/model"], capsys)
     assert "--exclude took 'org/model'" in line
+    line = usage_error(["download", "--include", "*.json"], capsys)     # no repo was given
+    assert line == "error: the following arguments are required: repo"
     args = main.parse_args(["download", "gpt2", "--include", "*.json", "*.txt", "--exclude", "x"])
     assert (args.repo, args.include, args.exclude) == ("gpt2", ["*.json", "*.txt"], ["x"])
     hub.add_repo("gpt2", FILES)
