@@ -140,8 +140,12 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
         dm.load_registry(cfg.metadata_dir)     # a corrupt datasets.json fails before any download
     endpoint = endpoint_for(cfg)
     token = token_for(cfg)
-    listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
-                            repo.include, repo.exclude)
+    if args.files:
+        listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token)
+        repo, listing = only_files(repo, listing, args.files)
+    else:
+        listing = dm.list_files(repo.repo_id, repo.repo_type, repo.revision, endpoint, token,
+                                repo.include, repo.exclude)
     report_refused(listing)
     _require_files(listing, repo)
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
@@ -159,6 +163,9 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        stream=sys.stderr, quiet=args.quiet)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
+    if args.quiet and not args.json:      # DIR=$(python main.py download REPO -q)
+        render.quiet_result(outcome.task.id, outcome.result, local_dir)
+        return report_exit(outcome.task.id, outcome.result)
     return report_result(outcome.task, outcome.result, args.json)
 
 
@@ -179,6 +186,41 @@ def files_on_disk(files: list[Any], local_dir: Path) -> dict[str, str]:
         if check_file(path, f, quick=quick).verdict == "ok":
             found[f.path] = "size" if quick else "hash"
     return found
+
+
+def only_files(repo: RepoChoice, listing: Any, files: list[str]) -> tuple[RepoChoice, Any]:
+    """`download REPO FILE...`: those exact paths (that must exist), still filtered by
+    --include/--exclude; the choice carries them as root-anchored patterns, so the task (and
+    its resume) keeps them."""
+    import dataclasses
+    import glob
+
+    from utils import path_selected
+    present = {f.path for f in listing.files}
+    refused = dict(listing.refused)
+    for name in files:
+        if name in refused:
+            raise UsageError(f"{repo.repo_id} has a file {name!r} that cannot be saved: "
+                             f"{refused[name]}")
+        if name not in present:
+            close = _close_paths(name, present)
+            raise UsageError(f"{repo.repo_id} has no file {name!r} at {repo.revision}",
+                             hint=f"did you mean {close}?" if close else
+                             f"'python main.py download {repo.repo_id} --dry-run' lists the files")
+    wanted = [f for f in dict.fromkeys(files) if path_selected(f, repo.include, repo.exclude)]
+    if not wanted:
+        raise UsageError("none of the files named matches the --include/--exclude filters",
+                         hint="drop the filters, or name other files")
+    include = tuple("/" + glob.escape(f) for f in wanted)
+    kept = [f for f in listing.files if path_selected(f.path, include, repo.exclude)]
+    return (dataclasses.replace(repo, include=include),
+            dataclasses.replace(listing, files=kept, refused=[]))
+
+
+def _close_paths(name: str, paths: set[str]) -> str | None:
+    import difflib
+    close = difflib.get_close_matches(name, sorted(paths), n=1)
+    return close[0] if close else None
 
 
 def _require_files(listing: Any, repo: RepoChoice) -> None:
@@ -358,7 +400,7 @@ def cmd_clean(args: Namespace, cfg) -> int:
     for tid in running:
         out(f"skipped {tid}: it is running")
     for tid in sorted(wanted - set(store.all()) - {c.task_id for c in removed}):
-        out(f"no task {tid}")
+        out(f"no task {tid} in {store.root}")
     if not removed:
         which = "completed" if not args.all else "completed, cancelled or failed"
         out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))

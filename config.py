@@ -14,6 +14,9 @@ from utils import UsageError, parse_size
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MIRROR = "https://hf-mirror.com"
+# The data folders default to the ones beside main.py (this flat layout keeps config.py there
+# too), not the working folder: a cron job started from $HOME finds the tasks a shell started.
+HERE = Path(__file__).resolve().parent
 # The Hub's CDN refuses a single GET of more than 50 GB; ranged requests work.
 DEFAULT_MAX_SINGLE_GET = 50 * 10**9
 
@@ -80,9 +83,10 @@ def _candidates(value: str) -> tuple[str, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("metadata_dir", "METADATA_DIR", "metadata", _path, "task and dataset records"),
-    Setting("downloads_dir", "DOWNLOADS_DIR", "downloads", _path, "where repos are downloaded"),
-    Setting("logs_dir", "LOGS_DIR", "logs", _path, "download.log and its rotations"),
+    Setting("metadata_dir", "METADATA_DIR", HERE / "metadata", _path, "task and dataset records"),
+    Setting("downloads_dir", "DOWNLOADS_DIR", HERE / "downloads", _path,
+            "where repos are downloaded"),
+    Setting("logs_dir", "LOGS_DIR", HERE / "logs", _path, "download.log and its rotations"),
     Setting("endpoint", "HF_ENDPOINT", DEFAULT_ENDPOINT, _endpoint, "the Hub or a mirror"),
     Setting("tool", "HFDL_TOOL", "auto", str, "aria2c, wget, python or auto"),
     Setting("disk_reserve", "HFDL_DISK_RESERVE", "1G", parse_size, "free space always kept"),

@@ -7,6 +7,7 @@ Nothing else lives here.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
@@ -44,10 +45,44 @@ def report_error(message: str, hint: str | None, status: int) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line plus a hint, exit status 2."""
+    """argparse, but a bad flag is one line plus a hint, exit status 2; a misspelt choice gets a
+    suggestion, and a repo swallowed by --include/--exclude is named."""
+
+    # the last value a PAT... option took (see _Patterns), for the error when the repo is missing
+    swallowed: tuple[str, str] | None = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.swallowed and message.startswith("the following arguments are required: repo"):
+            option, value = self.swallowed
+            message = (f"{option} took {value!r} as a pattern; put the repo first or use "
+                       f"{option}=PAT")
         sys.exit(report_error(message, f"see 'python {self.prog} --help'", ExitStatus.USAGE))
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            if close:
+                if action.dest == "command":
+                    raise argparse.ArgumentError(
+                        None, f"unknown command {value!r}; did you mean {close[0]}?")
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r}; did you mean {close[0]}?")
+        super()._check_value(action, value)
+
+
+class _Patterns(argparse.Action):
+    """--include/--exclude PAT...: values add up over repeated flags, and the parser remembers the
+    value most likely to be a swallowed repo (`download --include '*.json' gpt2`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        values = list(values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
+        # a repo id has no glob characters; a lone glob is no swallowed repo
+        plain = [v for v in values[1:] or values if not any(c in v for c in "*?[")]
+        if isinstance(parser, Parser) and plain:
+            parser.swallowed = (option_string or "--include", plain[0])
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
@@ -95,15 +130,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} ({exc.hint})") from None
 
 
-def _common() -> Parser:
+def _common(after: bool) -> Parser:
+    """The options every command takes, before the command or after it. After it, their defaults
+    are SUPPRESS so that one given before survives, and one given in both places is the later;
+    -v counts are added up (main.parse_args)."""
     common = Parser(add_help=False)
-    g = common.add_argument_group("common options")
-    g.add_argument("--metadata-dir", type=_folder, help="task records (env METADATA_DIR; default ./metadata)")
-    g.add_argument("--downloads-dir", type=_folder, help="download root (env DOWNLOADS_DIR; default ./downloads)")
-    g.add_argument("--logs-dir", type=_folder, help="log folder (env LOGS_DIR; default ./logs)")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    g.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    g = common.add_argument_group("common options (before or after the command)")
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after else value
+
+    g.add_argument("--metadata-dir", type=_folder, default=default(None),
+                   help="task records (env METADATA_DIR; default: metadata/ beside main.py)")
+    g.add_argument("--downloads-dir", type=_folder, default=default(None),
+                   help="download root (env DOWNLOADS_DIR; default: downloads/ beside main.py)")
+    g.add_argument("--logs-dir", type=_folder, default=default(None),
+                   help="log folder (env LOGS_DIR; default: logs/ beside main.py)")
+    g.add_argument("-v", "--verbose", action="count", default=default(0),
+                   dest="verbose_after" if after else "verbose", help="more detail on stderr")
+    g.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="no progress output (download: print only the folder on stdout)")
+    g.add_argument("--debug", action="store_true", default=default(False),
+                   help="show tracebacks of unexpected errors")
     return common
 
 
@@ -117,9 +165,11 @@ def _repo_args(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
     p.add_argument("--no-mirror", action="store_true",
                    help="never switch to the mirror by itself")
     if filters:
-        p.add_argument("--include", nargs="+", action="extend", default=[], metavar="PAT",
-                       help="only repo paths matching these globs (e.g. '*.json')")
-        p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PAT",
+        # several values run up to the next option; --include=PAT takes exactly one
+        p.add_argument("--include", nargs="+", action=_Patterns, default=[], metavar="PAT",
+                       help="only repo paths matching these globs (e.g. '*.json'; "
+                            "'/PATH': that exact path)")
+        p.add_argument("--exclude", nargs="+", action=_Patterns, default=[], metavar="PAT",
                        help="skip repo paths matching these globs (exclude wins)")
 
 
@@ -143,9 +193,10 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
-    common = _common()
+    common = _common(after=True)
     parser = Parser(prog="main.py", description="Download Hugging Face models and datasets "
-                    "with aria2c, wget or Python; resumable, verified, batchable.")
+                    "with aria2c, wget or Python; resumable, verified, batchable.",
+                    parents=[_common(after=False)])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -154,6 +205,8 @@ def build_parser() -> Parser:
 
     p = add("download", "download a repo (resumes the same download if it exists)")
     _repo_args(p)
+    p.add_argument("files", nargs="*", default=[], metavar="FILE",
+                   help="only these files (exact repo paths, as in 'hf download gpt2 config.json')")
     _tool_args(p)
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
@@ -270,6 +323,50 @@ def build_parser() -> Parser:
     return parser
 
 
+def _known_options(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _misspelt_option(parser: Parser, argv: list[str]) -> str | None:
+    """The first --option that is neither an option of the command nor an abbreviation of one,
+    when one of them is close to it: the error says which one was meant."""
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = dict(action.choices)
+    known = _known_options(parser)
+    command = next((a for a in argv if a in commands), None)
+    if command:
+        known += _known_options(commands[command])
+    for token in argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("--") or any(k.startswith(name) for k in known):
+            continue
+        close = difflib.get_close_matches(name, sorted(set(known)), n=1)
+        if close:
+            return f"unrecognized option {name}; did you mean {close[0]}?"
+    return None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with the common options merged from before and after the command."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    typo = _misspelt_option(parser, argv)
+    if typo:
+        parser.error(typo)
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "download":      # FILEs after an option: `download gpt2 -q config.json`
+        args.files = [*args.files, *(e for e in extras if not e.startswith("-"))]
+        extras = [e for e in extras if e.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    args.verbose += vars(args).pop("verbose_after", 0)
+    return args
+
+
 # ================================================================ setup
 
 def load_settings(args: argparse.Namespace) -> config.Config:
@@ -358,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _json_errors
     argv = list(sys.argv[1:] if argv is None else argv)
     _json_errors = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, _on_sigterm)
     log_path = None

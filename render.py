@@ -158,6 +158,17 @@ def run_result(task: Task, result: RunResult, as_json: bool) -> None:
         out(f"  failed: {path}: {error}")
 
 
+def quiet_result(task_id: str, result: RunResult, local_dir: Any) -> None:
+    """`download -q`: the folder on stdout when it completed, else only the outcome on stderr."""
+    if result.status.value == "completed":
+        out(str(local_dir))
+        return
+    print(f"{task_id}: {result.status.value}" + (f" ({result.reason})" if result.reason else "")
+          + f": {result.files_done}/{result.files_total} files", file=sys.stderr, flush=True)
+    for path, error in result.failures[:20]:
+        print(f"  failed: {path}: {error}", file=sys.stderr, flush=True)
+
+
 def datasets(entries: list[dict], as_json: bool) -> None:
     """`list-datasets`: the registered repos."""
     if as_json:

@@ -253,7 +253,9 @@ class TaskStore:
         task_id = normalize_id(task_id)
         task = self.all().get(task_id)
         if task is None:
-            raise UsageError(f"no task {task_id}", hint="'python main.py list-tasks' shows the tasks")
+            raise UsageError(f"no task {task_id} in {self.root}",
+                             hint="'python main.py list-tasks' shows the tasks there; "
+                                  "--metadata-dir or METADATA_DIR names another folder")
         return task
 
     def create(self, spec: Mapping[str, Any]) -> Task:
@@ -279,7 +281,7 @@ class TaskStore:
             data = self._read_index()
             record = data["tasks"].get(task_id)
             if record is None:
-                raise UsageError(f"no task {task_id}")
+                raise UsageError(f"no task {task_id} in {self.root}")
             task = Task.from_json(record, self.index).changed(**fields, updated_at=now_iso())
             data["tasks"][task_id] = task.to_json()
             write_json_atomic(self.index, data)

@@ -322,7 +322,10 @@ def hash_file(path: Path, kind: str, size: int, *, start_hasher: hashlib._Hash |
 # ---------------------------------------------------------------- filters
 
 def glob_match(path: str, pattern: str) -> bool:
-    """fnmatch on the whole repo path; a pattern without '/' also matches the base name."""
+    """fnmatch on the whole repo path; a pattern without '/' also matches the base name, and one
+    starting with '/' is anchored at the repo root (`download REPO FILE` keeps FILEs that way)."""
+    if pattern.startswith("/"):
+        return fnmatch.fnmatchcase(path, pattern[1:])
     if fnmatch.fnmatchcase(path, pattern):
         return True
     if "/" not in pattern:

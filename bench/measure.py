@@ -132,6 +132,8 @@ def base_env(endpoint: str, hf_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.upper().endswith("_PROXY") and not k.startswith(("HF_", "HFDL_"))
            and k not in DATA_DIRS}
+    # our data folders beside HF_HOME, in the run's folder (their default is beside main.py)
+    env.update({var: str(hf_home.parent / name) for var, name in DATA_DIRS.items()})
     env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"})
     return env

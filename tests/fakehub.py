@@ -189,6 +189,11 @@ class Repo:
             if rev.startswith(prefix) and rev[len(prefix):] in {**self.branches, **self.tags}:
                 rev = rev[len(prefix):]
         sha = self.branches.get(rev) or self.tags.get(rev) or rev
+        if sha not in self.commits and 7 <= len(sha) < 40:
+            # The real Hub resolves a unique short sha (huggingface/huggingface_hub#197, fixed
+            # server-side by 2023); its shortest accepted length is unknown: 7 here.
+            found = [c for c in self.commits if c.startswith(sha)]
+            sha = found[0] if len(found) == 1 else sha
         return self.commits.get(sha)
 
 

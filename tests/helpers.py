@@ -20,9 +20,9 @@ from tests.fakehub import Content, FakeHub, content_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("aria2c", "wget", "python")
-# The tool's settings of where it writes, and their default folders (relative to the working
-# folder). A test's environment may hold them (conftest's autouse fixture sets them); a `main.py`
-# subprocess must not inherit them, or its defaults and their sources would change.
+# The tool's settings of where it writes, and their default folders (beside main.py). A test's
+# environment may hold them (conftest's autouse fixture sets them); a `main.py` subprocess gets
+# its own, under tmp_path (`clean_env`), or it would write into the repo's folders.
 DATA_DIRS = {"METADATA_DIR": "metadata", "DOWNLOADS_DIR": "downloads", "LOGS_DIR": "logs"}
 
 
@@ -81,10 +81,12 @@ def error_lines(r: Result) -> list[str]:
 
 
 def clean_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
-    """The caller's environment without proxies or settings of ours or huggingface_hub's."""
+    """The caller's environment without proxies or settings of ours or huggingface_hub's; the
+    data folders are tmp_path/metadata, tmp_path/downloads and tmp_path/logs."""
     env = {k: v for k, v in os.environ.items()
            if not k.upper().endswith("_PROXY") and not k.startswith(("HF_", "HFDL_"))
            and k not in DATA_DIRS}
+    env.update({var: str(tmp_path / name) for var, name in DATA_DIRS.items()})
     env.update({
         "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"),
         "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
