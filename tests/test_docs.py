@@ -72,11 +72,18 @@ PROMISES = {
     "batch-download big-org/corpus --dataset --available-space 10T --local-dir /mnt/data/corpus":
         ["mnt/data/corpus/.hf-downloader-batch.json", "mnt/data/corpus/data/part-00/shard-00000.parquet"],
     "batch-continue task_001 2": ["mnt/data/corpus/data/part-01/shard-00004.parquet"],
+    "--metadata-dir /path/to/metadata --downloads-dir /path/to/downloads download gpt2":
+        ["path/to/downloads/gpt2/config.json", "path/to/metadata/tasks.json"],
+    "--metadata-dir /tmp/metadata --downloads-dir /tmp/downloads download test-model":
+        ["tmp/downloads/test-model/config.json", "tmp/metadata/tasks.json"],
 }
 
 # Recipes that fail today because another branch has not been merged yet: strict xfail, so they
 # XPASS (and fail) once it is, and this set is emptied. Keyed by the command as written.
-PENDING_PARSER: set[str] = set()
+PENDING_PARSER = {
+    "--metadata-dir /path/to/metadata --downloads-dir /path/to/downloads download gpt2",
+    "--metadata-dir /tmp/metadata --downloads-dir /tmp/downloads download test-model",
+}
 PENDING = {key: "common flags before the command: issue 11 point 1" for key in PENDING_PARSER}
 
 TIMEOUT = 60
