@@ -202,7 +202,7 @@ def _split(text: str, where: str) -> list[list[str]]:
 
 
 def _command(line: int, words: list[str], where: str) -> Command:
-    text = shlex.join(words)
+    text = " ".join(w if w in (">", ">>", ">&") else shlex.quote(w) for w in words).replace(" 2 >& 1", " 2>&1")
     words, redirect = _redirections(words, where)
     env: list[tuple[str, str]] = []
     while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
