@@ -338,6 +338,8 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
         for backend in {id(chosen): chosen, id(ranged): ranged}.values():
             backend.close()         # always: a stopped run must not leave temp folders behind
         children.kill_all()
+        if not any(t.is_alive() for t in threads):
+            Partial.tidy(local_dir)
         progress.tick(force=True)
         progress.close()
         for p in tracker.paths_in(FileState.DOWNLOADING):

@@ -329,6 +329,20 @@ class Partial:
             raise
         return os.fdopen(fd, mode)
 
+    @staticmethod
+    def tidy(root: Path) -> None:
+        """Remove the partials' folders left empty (call when no worker is running), so a
+        finished download leaves no .hfdl/ behind."""
+        side = Path(root) / SIDE_FOLDER
+        try:
+            if not stat.S_ISDIR(os.lstat(side).st_mode):
+                return
+        except OSError:
+            return
+        for folder, _dirs, _files in os.walk(side, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
     def kind(self) -> str:
         """How the bytes can be continued: "aria2" (control file), "parts" (part map), "seq"
         (by length), "sparse" (holes without a map: cannot be continued) or "none" (no bytes).

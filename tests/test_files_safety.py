@@ -128,6 +128,7 @@ def test_a_repo_file_named_like_a_partial_is_not_clobbered(cli, hub, tmp_path, t
     r = cli("download", "p", "--local-dir", str(target), "--tool", tool)
     assert r.code == 0, r.text
     assert_same_tree(target, files)
+    assert not (target / ".hfdl").exists()           # a finished download leaves no side folder
     assert cli("verify", "task_001").code == 0
 
 
