@@ -14,7 +14,8 @@ import config
 import render
 from render import out, out_json, say
 from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
-from utils import ExitStatus, HFDError, MetadataError, UsageError, format_size, repo_folder_name
+from utils import (ExitStatus, HFDError, MetadataError, UsageError, format_size, printable,
+                   repo_folder_name)
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -92,7 +93,7 @@ def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path
 
 def report_refused(listing: Any) -> None:
     for name, why in listing.refused:
-        print(f"warning: skipped {name!r}: {why}", file=sys.stderr)
+        print(f"warning: skipped {printable(repr(name))}: {why}", file=sys.stderr)
         log.warning("refused a file name from the Hub: %r (%s)", name, why)
 
 
@@ -369,18 +370,27 @@ def cmd_verify(args: Namespace, cfg) -> int:
         import batch_manager as bm
         paths, local_dir = bm.batch_on_disk(store, task, args.batch, local_dir)
     report = maintenance.verify_task(store, task, local_dir or Path(task.local_dir),
-                                     paths=paths, quick=args.quick)
+                                     paths=paths, quick=args.quick, fix=args.fix)
     results, bad = report.results, report.bad
     if args.json:
         out_json({"task": task.id, "ok": not bad, "checked": len(results),
                   "files": [{"path": r.path, "verdict": r.verdict, "detail": r.detail}
-                            for r in results]})
+                            for r in results],
+                  "moved": [{"path": p, "to": a} for p, a in report.moved]})
     else:
         for r in results:
             if r.verdict != "ok" or args.verbose:
-                out(f"{r.verdict.upper():14} {r.path}" + (f"  ({r.detail})" if r.detail else ""))
+                out(f"{r.verdict.upper():14} {printable(r.path)}"
+                    + (f"  ({r.detail})" if r.detail else ""))
         kind = "sizes" if args.quick else "sizes and hashes"
         out(f"{task.id}: {len(results) - len(bad)}/{len(results)} files OK ({kind} checked)")
+        for path, aside in report.moved:
+            out(f"moved {printable(path)} aside to {printable(aside)}")
+        changed = [r for r in bad if r.verdict != "missing"]
+        if changed and not args.fix:
+            out(f"{len(changed)} changed files were left as they are; 'python main.py verify "
+                f"{task.id} --fix' moves them aside (NAME.hfdl-modified-TIME), else resume "
+                f"replaces them")
         if bad:
             out(f"{len(bad)} bad files were marked for download; "
                 f"'python main.py resume {task.id}' fetches them again")
@@ -396,7 +406,11 @@ def cmd_clean(args: Namespace, cfg) -> int:
                                    delete_files=args.delete_files)
     for c in removed:
         note = f", {c.files_deleted} files deleted" if c.files_deleted is not None else ""
+        if c.kept:
+            note += f", kept {len(c.kept)} files changed since download"
         out(f"removed {c.task_id} ({c.status}, {c.repo_id}){note}" + (f", {c.note}" if c.note else ""))
+        for path in c.kept:
+            out(f"  kept {printable(path)}")
     for tid in running:
         out(f"skipped {tid}: it is running")
     for tid in sorted(wanted - set(store.all()) - {c.task_id for c in removed}):

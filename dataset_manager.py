@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import quote
 
 from utils import (SCHEMA_VERSION, HFDError, HubError, MetadataError, UsageError, now_iso,
-                   path_selected, read_json, safe_relpath, write_json_atomic)
+                   hub_name_problem, path_selected, read_json, safe_relpath,
+                   write_json_atomic)
 
 if TYPE_CHECKING:  # the real import is lazy (see the module docstring)
     from huggingface_hub import HfApi
@@ -127,11 +128,31 @@ def list_files(repo_id: str, repo_type: str, revision: str, endpoint: str,
             except ValueError as exc:
                 refused.append((entry.path, str(exc)))
                 continue
-            if not path_selected(path, include, exclude):
+            problem = hub_name_problem(path)
+            if problem:
+                refused.append((entry.path, problem))
                 continue
             sha256 = entry.lfs.sha256 if entry.lfs is not None else None
             files.append(RemoteFile(path, int(entry.size), entry.blob_id, sha256))
+    files = _refuse_file_folder_clashes(files, refused)
+    files = [f for f in files if path_selected(f.path, include, exclude)]
     return Listing(repo_id, repo_type, revision, commit, files, refused)
+
+
+def _refuse_file_folder_clashes(files: list[RemoteFile],
+                                refused: list[tuple[str, str]]) -> list[RemoteFile]:
+    """A name that is both a file and a folder (`a` and `a/b`) cannot exist on a disk: the
+    file is refused, the folder's files kept."""
+    folders = {p for f in files for p in _parents(f.path)}
+    for f in files:
+        if f.path in folders:
+            refused.append((f.path, "the repo also has a folder of that name"))
+    return [f for f in files if f.path not in folders]
+
+
+def _parents(path: str) -> Iterable[str]:
+    parts = path.split("/")
+    return ("/".join(parts[:i]) for i in range(1, len(parts)))
 
 
 class _hub_errors:

@@ -19,7 +19,7 @@ from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 
 from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
 from task_manager import StopReason, Task, TaskState, TaskStore
 from tools import choose_tool
-from utils import Partial, format_size, safe_join
+from utils import Partial, format_size, safe_join, safe_target
 
 if TYPE_CHECKING:
     from config import Config
@@ -52,8 +52,7 @@ def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -
     needed = 0
     for path in todo:
         f = tracker.by_path[path]
-        final = safe_join(local_dir, f.path)
-        needed += max(0, f.size - Partial(final, f.expected_hash).bytes_on_disk())
+        needed += max(0, f.size - Partial(local_dir, f.path, f.expected_hash).bytes_on_disk())
     return needed
 
 
@@ -244,7 +243,7 @@ def drop_old_partials(local_dir: Path, old_versions: dict[str, str]) -> None:
     """Partial bytes of versions the new commit replaced can never complete: remove them."""
     for path, old_hash in old_versions.items():
         try:
-            partial = Partial(safe_join(local_dir, path), old_hash)
+            partial = Partial(local_dir, path, old_hash)
         except ValueError:
             continue
         partial.discard()
@@ -255,7 +254,7 @@ def prune_removed(local_dir: Path, removed: list[str]) -> list[str]:
     gone = []
     for path in removed:
         with contextlib.suppress(ValueError, FileNotFoundError):
-            safe_join(local_dir, path).unlink()
+            safe_target(local_dir, path).unlink()
             gone.append(path)
     return gone
 

@@ -27,7 +27,7 @@ from task_manager import StopReason, TaskState
 from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
                       PythonBackend)
-from utils import Partial, format_size, safe_join
+from utils import Partial, UnsafePathError, format_size, printable, safe_target
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,9 @@ class Run:
 
 
 def make_job(run: Run, f: RemoteFile) -> Job:
-    final = safe_join(run.local_dir, f.path)
+    final = safe_target(run.local_dir, f.path)
     meta = run.tracker.meta
-    return Job(file=f, final=final, partial=Partial(final, f.expected_hash),
+    return Job(file=f, final=final, partial=Partial(run.local_dir, f.path, f.expected_hash),
                url=file_url(run.endpoint, meta["repo_id"], meta["repo_type"], meta["commit"], f.path),
                token=run.token, endpoint=run.endpoint, connections=run.opts.connections,
                max_single_get=run.opts.max_single_get)
@@ -208,6 +208,8 @@ def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
         finish_file(job, digest)
     except FetchError as exc:
         return exc
+    except UnsafePathError as exc:
+        return FetchError(str(exc), FailureKind.DENIED)
     except OSError as exc:
         if exc.errno not in FULL_DISK_ERRNOS:
             raise
@@ -215,11 +217,28 @@ def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
     return None
 
 
+def _refuse_file(run: Run, f: RemoteFile, why: str) -> None:
+    """A file that cannot be written safely: it fails with the reason, the rest go on."""
+    run.progress.file_started(f.path, 0)
+    run.tracker.start(f.path)
+    run.tracker.attempt_failed(f.path, why, final=True)
+    run.log.warning("%s: %s", printable(f.path), why)
+    run.failures.append((f.path, why))
+    run.progress.file_done(f.path, f.size, False, f"failed: {printable(f.path)}: {why}")
+
+
 def download_one(run: Run, f: RemoteFile) -> None:
     """All attempts for one file; records each failure on the file."""
     tracker, stop = run.tracker, run.stopper.event
-    job = make_job(run, f)
-    job.final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        job = make_job(run, f)
+        job.final.parent.mkdir(parents=True, exist_ok=True)
+        safe_target(run.local_dir, f.path)        # nothing swapped in while making the folders
+        job.partial.prepare()
+    except (UnsafePathError, NotADirectoryError, FileExistsError) as exc:
+        _refuse_file(run, f, str(exc) if isinstance(exc, UnsafePathError)
+                     else f"a parent folder of {printable(f.path)} is a file")
+        return
     backend = run.backend_for(job)
     prepare_partial(job, backend)
     run.progress.file_started(f.path, job.partial.bytes_on_disk())
@@ -234,8 +253,9 @@ def download_one(run: Run, f: RemoteFile) -> None:
         error = _attempt(run, backend, job)
         if error is None:
             tracker.complete(f.path, f.size)
-            run.log.info("completed %s (%d bytes)", f.path, f.size)
-            run.progress.file_done(f.path, f.size, True, f"done: {f.path} ({format_size(f.size)})")
+            run.log.info("completed %s (%d bytes)", printable(f.path), f.size)
+            run.progress.file_done(f.path, f.size, True,
+                                   f"done: {printable(f.path)} ({format_size(f.size)})")
             return
         action = ON_FAILURE[error.kind]
         if stop.is_set() or action is Action.PAUSE:
@@ -249,11 +269,11 @@ def download_one(run: Run, f: RemoteFile) -> None:
             run.gate.close_for(error.retry_after or 5.0, run.opts.max_retry_wait, run.log)
         final = action is Action.GIVE_UP or tries > run.opts.retries
         tracker.attempt_failed(f.path, str(error), final=final)
-        run.log.warning("%s: attempt %d failed: %s", f.path, attempts + tries, error)
+        run.log.warning("%s: attempt %d failed: %s", printable(f.path), attempts + tries, error)
         run.progress.update(f.path, job.partial.bytes_on_disk())
         if final:
             run.failures.append((f.path, str(error)))
-            run.progress.file_done(f.path, f.size, False, f"failed: {f.path}: {error}")
+            run.progress.file_done(f.path, f.size, False, f"failed: {printable(f.path)}: {error}")
             return
         _backoff(run.opts.retry_base, tries, stop)
     tracker.interrupted(f.path)
@@ -325,6 +345,8 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
         for backend in {id(chosen): chosen, id(ranged): ranged}.values():
             backend.close()         # always: a stopped run must not leave temp folders behind
         children.kill_all()
+        if not any(t.is_alive() for t in threads):
+            Partial.tidy(local_dir)
         progress.tick(force=True)
         progress.close()
         for p in tracker.paths_in(FileState.DOWNLOADING):

@@ -8,6 +8,7 @@ this module does not import task_manager.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import stat
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dataset_manager import Listing, RemoteFile, file_url
-from utils import (SCHEMA_VERSION, MetadataError, Partial, hash_file, now_iso,
-                   read_json, safe_join, safe_relpath, write_json_atomic)
+from utils import (SCHEMA_VERSION, MetadataError, Partial, UnsafePathError,
+                   hash_file, now_iso, read_json, safe_join, safe_relpath, safe_target,
+                   write_json_atomic)
 
 
 class FileState(str, enum.Enum):
@@ -321,9 +323,12 @@ def check_files(tracker: FileTracker, local_dir: Path, paths: Iterable[str], *, 
 
 
 def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckResult], *,
-                 missing_ok: bool = False) -> list[CheckResult]:
-    """Record check results: ok files completed, bad ones failed (and taken off their final
-    name, so resume fetches them again), missing ones pending. Returns the bad ones."""
+                 missing_ok: bool = False, on_bad: str = "take_off",
+                 moved: list[tuple[str, str]] | None = None) -> list[CheckResult]:
+    """Record check results: ok files completed, bad ones failed, missing ones pending.
+    Returns the bad ones. A bad file is, by `on_bad`: "take_off" its final name (fix-progress:
+    a short one kept as the partial), "keep" (left as it is: it may be the user's), or "aside"
+    (renamed NAME.hfdl-modified-TIME, appended to `moved`), so resume fetches it again."""
     bad = []
     for r in results:
         f = tracker.by_path[r.path]
@@ -336,19 +341,32 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
                 continue
             tracker.reset(r.path, "missing on disk")
         else:
-            _take_off_final_name(safe_join(local_dir, r.path), f, r)
+            _handle_bad(local_dir, f, r, on_bad, moved)
             tracker.set_state(r.path, FileState.FAILED, error=f"{r.verdict}: {r.detail}",
                               actual_size=0, completed_at=None)
         bad.append(r)
     return bad
 
 
-def _take_off_final_name(final: Path, f: RemoteFile, r: CheckResult) -> None:
-    """A short file may be a good head: keep it as the partial. Anything else is wrong bytes."""
-    partial = Partial(final, f.expected_hash).path
+def _handle_bad(local_dir: Path, f: RemoteFile, r: CheckResult, on_bad: str,
+                moved: list[tuple[str, str]] | None) -> None:
+    """What apply_checks does with a bad file at its final name (see there)."""
+    if on_bad == "keep":
+        return
     try:
-        if r.verdict == "size mismatch" and final.stat().st_size < f.size:
-            os.replace(final, partial)
+        final = safe_target(local_dir, f.path)
+    except UnsafePathError:
+        return                  # never rename or delete through a symlink
+    try:
+        if on_bad == "aside":
+            aside = final.with_name(f"{final.name}.hfdl-modified-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, aside)
+            if moved is not None:
+                moved.append((f.path, aside.name))
+        elif r.verdict == "size mismatch" and final.stat().st_size < f.size:
+            partial = Partial(local_dir, f.path, f.expected_hash)    # a good head, maybe
+            partial.prepare()
+            os.replace(final, partial.path)
         else:
             final.unlink()
     except FileNotFoundError:
@@ -428,24 +446,55 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
     return changes
 
 
-def delete_local_files(tracker: FileTracker, local_dir: Path) -> int:
-    """Remove the task's files (and partials) from disk, then the folders left empty."""
-    removed = 0
+HASH_BEFORE_DELETE = 64 * 2**20      # files up to this size are hashed before being deleted
+
+
+@dataclass(frozen=True)
+class Deleted:
+    removed: int        # files deleted
+    kept: list[str]     # changed since the download (size or hash), or behind a symlink
+
+
+def _unchanged(path: Path, f: RemoteFile) -> bool:
+    """The file at `path` is still what the task downloaded (size; hash when small)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+        return False
+    return f.size > HASH_BEFORE_DELETE or hash_file(path, f.hash_kind, f.size) == f.expected_hash
+
+
+def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
+    """Remove the task's files (and partials) from disk, then the folders left empty. Only
+    files still as downloaded are deleted (local_dir comes from metadata a user can edit, and
+    files may have been changed since): the others are kept and listed."""
+    removed, kept = 0, []
     folders = set()
     for f in tracker.files:
-        final = safe_join(local_dir, f.path)
-        for p in (final, *Partial(final, f.expected_hash).files()):
-            try:
-                p.unlink()
-                removed += p == final
-            except FileNotFoundError:
-                pass
+        try:
+            final = safe_target(local_dir, f.path)
+        except (UnsafePathError, ValueError):
+            kept.append(f.path)
+            continue
+        partial = Partial(local_dir, f.path, f.expected_hash)
+        partial.discard()
+        folders.add(partial.path.parent)
         folders.add(final.parent)
+        if _unchanged(final, f):
+            final.unlink()
+            removed += 1
+        elif os.path.lexists(final):
+            kept.append(f.path)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        while folder != local_dir.parent and folder.is_dir():
+        while folder != local_dir and folder.is_dir():
             try:
+                safe_target(local_dir, os.path.relpath(folder, local_dir))
                 folder.rmdir()
-            except OSError:
+            except (OSError, ValueError):
                 break
             folder = folder.parent
-    return removed
+    with contextlib.suppress(OSError):
+        local_dir.rmdir()
+    return Deleted(removed, kept)

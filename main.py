@@ -258,6 +258,9 @@ def build_parser() -> Parser:
     p = add("verify", "re-check the files of a task on disk (size and hash)")
     p.add_argument("task", help="task id")
     p.add_argument("--quick", action="store_true", help="check sizes only")
+    p.add_argument("--fix", action="store_true",
+                   help="move changed files aside (NAME.hfdl-modified-TIME) so resume fetches "
+                        "them again (default: report them and leave them)")
     p.add_argument("--batch", type=_positive_int, metavar="N",
                    help="batch task: check batch N on the disk mounted now")
     p.add_argument("--local-dir", type=_folder, help="batch task: where that disk is now (default: where "

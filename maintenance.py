@@ -22,23 +22,28 @@ from utils import MetadataError, TaskLockedError
 class VerifyReport:
     results: list[CheckResult]
     bad: list[CheckResult]
+    moved: list[tuple[str, str]]      # (path, the name it was moved to): --fix only
 
 
 def verify_task(store: TaskStore, task: Task, local_dir: Path, *,
-                paths: list[str] | None = None, quick: bool = False) -> VerifyReport:
-    """verify: re-check files on disk; bad ones are marked so resume fetches them again."""
+                paths: list[str] | None = None, quick: bool = False,
+                fix: bool = False) -> VerifyReport:
+    """verify: re-check files on disk; bad ones are marked so resume fetches them again.
+    A bad file may be the user's own change: it stays where it is, unless `fix` moves it aside."""
     with store.lock(task.id):
         task = store.get(task.id)             # as it is now that nobody else can change it
         tracker = FileTracker.load(store.folder(task.id), task.id)
         paths = [f.path for f in tracker.files] if paths is None else paths
         results = check_files(tracker, local_dir, paths, quick=quick)
-        bad = apply_checks(tracker, local_dir, results)
+        moved: list[tuple[str, str]] = []
+        bad = apply_checks(tracker, local_dir, results, on_bad="aside" if fix else "keep",
+                           moved=moved)
         tracker.save()
         status = TaskState.FAILED if bad and task.status is TaskState.COMPLETED else task.status
         store.update(task.id, status=status,
                      reason=f"verify: {len(bad)} bad files" if bad else task.reason,
                      **tracker.summary())
-    return VerifyReport(results, bad)
+    return VerifyReport(results, bad, moved)
 
 
 # ---------------------------------------------------------------- fix-progress
@@ -122,6 +127,7 @@ class Cleaned:
     repo_id: str
     files_deleted: int | None     # None: files kept
     note: str = ""
+    kept: tuple[str, ...] = ()    # not deleted: changed since the download
 
 
 def clean_tasks(store: TaskStore, wanted: set[str], *, include_ended: bool,
@@ -152,11 +158,13 @@ def _clean_one(store: TaskStore, tid: str, states: Set[TaskState],
     if task is None or task.status not in states:
         return None
     deleted, note = None, ""
+    kept: tuple[str, ...] = ()
     if delete_files:
         try:
             tracker = FileTracker.load(store.folder(tid), tid)
-            deleted = delete_local_files(tracker, Path(task.local_dir))
+            result = delete_local_files(tracker, Path(task.local_dir))
+            deleted, kept = result.removed, tuple(result.kept)
         except MetadataError as exc:
             note = f"files not deleted ({exc})"
     store.remove(tid)
-    return Cleaned(tid, task.status.value, task.repo_id, deleted, note)
+    return Cleaned(tid, task.status.value, task.repo_id, deleted, note, kept)

@@ -399,6 +399,7 @@ class Aria2Backend:
             daemon.close()
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        job.partial.check()        # the tool follows symlinks: none may be on the way
         url = tool_url(self.sessions, job, self.stall_timeout)
         split = max(1, job.connections)
         options: dict[str, Any] = {
@@ -478,6 +479,7 @@ class WgetBackend:
         """Nothing to end: each process ends with its file."""
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        job.partial.check()        # the tool follows symlinks: none may be on the way
         url = tool_url(self.sessions, job, self.stall_timeout)
         # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
         argv = ["wget", "--no-config", "--continue", "--no-iri", "--tries=1", "--server-response",

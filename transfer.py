@@ -268,7 +268,7 @@ class PythonBackend:
             elif offset and not _range_starts_at(resp, offset):
                 raise FetchError("the server answered a different range", FailureKind.BAD_PARTIAL)
             mode = "r+b" if offset else "wb"
-            with open(path, mode) as out:
+            with job.partial.open(mode) as out:
                 out.seek(offset)
                 out.truncate()
                 done = self._copy(resp, out, hasher, offset, report, stop)
@@ -321,7 +321,7 @@ class PythonBackend:
     def _fetch_parts(self, job: Job, report: Report, stop: threading.Event) -> None:
         f, path = job.file, job.partial.path
         parts = self._load_parts(job)
-        with open(path, "r+b" if path.exists() else "w+b") as out:
+        with job.partial.open("r+b" if path.exists() else "w+b") as out:
             out.truncate(f.size)
         lock = threading.Lock()
         errors: list[FetchError] = []
@@ -376,7 +376,7 @@ class PythonBackend:
                      report: Callable[[], None], stop: threading.Event) -> None:
         start, end, offset = part
         resp = self._get(job, {"Range": f"bytes={offset}-{end}"})
-        with resp, open(job.partial.path, "r+b") as out:
+        with resp, job.partial.open("r+b") as out:
             if not _range_starts_at(resp, offset):
                 raise FetchError("the server ignored a range request")
             out.seek(offset)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fnmatch
 import hashlib
 import json
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -208,25 +210,82 @@ def safe_relpath(name: str) -> str:
     return posixpath.normpath(name)
 
 
+class UnsafePathError(HFDError, ValueError):
+    """A path below the target folder goes through a symlink (or is not a plain file/folder)."""
+
+
 def safe_join(root: Path, name: str) -> Path:
     """root / name, refusing any name that would land outside root (see safe_relpath)."""
     return Path(os.path.join(root, safe_relpath(name)))
+
+
+def safe_target(root: Path, name: str) -> Path:
+    """root / name for writing, renaming or deleting: refuses names that leave root and any
+    component below root that is a symlink (a symlinked folder would send the write elsewhere,
+    a symlink at the final or partial name would have its target overwritten). Components that
+    do not exist yet are fine. The one place this is checked."""
+    path = safe_join(root, name)
+    current = str(root)
+    for part in safe_relpath(name).split("/"):
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except (FileNotFoundError, NotADirectoryError):
+            break
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(
+                f"refused to write through a symlink: {printable(os.path.relpath(current, root))} "
+                f"is a symlink inside the target folder",
+                hint="remove the symlink (or download into another folder)")
+    return path
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(name: str) -> str:
+    """A name safe to print on a terminal: control characters (escape sequences, newlines)
+    shown as repr-style escapes, the rest unchanged."""
+    return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], name)
+
+
+NAME_MAX = 255       # bytes per path component on common filesystems
+SIDE_FOLDER = ".hfdl"      # our partials and side files, out of the repo's namespace
+
+
+def hub_name_problem(name: str) -> str | None:
+    """Why a (safe_relpath-valid) Hub file name cannot be downloaded here, or None."""
+    if _CONTROL_RE.search(name):
+        return "the name contains control characters"
+    if any(len(p.encode()) > NAME_MAX for p in name.split("/")):
+        return f"a part of the name is longer than the filesystem allows ({NAME_MAX} bytes)"
+    if name.split("/")[0] == SIDE_FOLDER:
+        return f"{SIDE_FOLDER}/ is where this tool keeps its partial files"
+    return None
 
 
 class Partial:
     """The bytes of one version of a file until they are whole and checked, with the side files
     the backends keep beside them. The only code that knows their names.
 
+    They live in <target>/.hfdl/partial/<path>.<hash10>.incomplete, out of the repo's own
+    namespace (a repo file may be called anything, including another file's partial name).
     The version (hash prefix) is in the name, so a partial is only ever continued against the
     same file version, whatever the metadata says after a crash."""
 
-    def __init__(self, final: Path, expected_hash: str) -> None:
-        name = final.name
+    def __init__(self, root: Path, relpath: str, expected_hash: str) -> None:
+        self.root, self.relpath = Path(root), relpath
+        suffix = f".{expected_hash[:10]}.incomplete"
+        head, _, name = relpath.rpartition("/")
         if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
             name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
-        self.path = final.with_name(f"{name}.{expected_hash[:10]}.incomplete")
+        self.rel = posixpath.join(SIDE_FOLDER, "partial", head, name + suffix)
+        self.path = safe_join(self.root, self.rel)
         self.control = self.path.with_name(self.path.name + ".aria2")   # aria2c's control file
         self.part_map = self.path.with_name(self.path.name + ".parts")  # python's ranged parts
+        # where versions before .hfdl/ kept it: beside the final name
+        final = safe_join(self.root, relpath)
+        self.old_path = final.with_name(f"{name}{suffix}")
 
     def __repr__(self) -> str:
         return f"Partial({str(self.path)!r})"
@@ -234,6 +293,59 @@ class Partial:
     def files(self) -> tuple[Path, Path, Path]:
         """The partial and its side files (any of them may be absent)."""
         return self.path, self.control, self.part_map
+
+    def check(self) -> None:
+        """Refuse (UnsafePathError) if the partial, its side files or their folders are
+        symlinks: check before handing the path to a tool or renaming it."""
+        for p in self.files():
+            safe_target(self.root, os.path.relpath(p, self.root))
+
+    def prepare(self) -> None:
+        """Make the partial's folder, and adopt a partial left beside the final name by a
+        version before .hfdl/ (once: it then continues from here)."""
+        self.check()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.check()                          # nothing swapped in while we made the folders
+        old = [self.old_path, self.old_path.with_name(self.old_path.name + ".aria2"),
+               self.old_path.with_name(self.old_path.name + ".parts")]
+        try:
+            safe_target(self.root, os.path.relpath(self.old_path, self.root))
+            st = os.lstat(self.old_path)
+        except (UnsafePathError, FileNotFoundError, NotADirectoryError):
+            return
+        if not stat.S_ISREG(st.st_mode) or os.path.lexists(self.path):
+            return
+        for src, dst in zip(old, self.files()):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISREG(os.lstat(src).st_mode):
+                    os.replace(src, dst)
+
+    def open(self, mode: str) -> Any:
+        """Open the partial for writing without following a symlink at its name."""
+        flags = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "r+b": os.O_RDWR,
+                 "w+b": os.O_RDWR | os.O_CREAT | os.O_TRUNC}[mode]
+        self.check()
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"refused to write through a symlink: {self.path}") from None
+            raise
+        return os.fdopen(fd, mode)
+
+    @staticmethod
+    def tidy(root: Path) -> None:
+        """Remove the partials' folders left empty (call when no worker is running), so a
+        finished download leaves no .hfdl/ behind."""
+        side = Path(root) / SIDE_FOLDER
+        try:
+            if not stat.S_ISDIR(os.lstat(side).st_mode):
+                return
+        except OSError:
+            return
+        for folder, _dirs, _files in os.walk(side, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     def kind(self) -> str:
         """How the bytes can be continued: "aria2" (control file), "parts" (part map), "seq"
@@ -259,20 +371,26 @@ class Partial:
         """Bytes written so far; allocated blocks count holes left by parallel segments right."""
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return 0
         return min(st.st_size, st.st_blocks * 512)
 
     def discard(self) -> None:
-        """Remove the partial and its side files."""
+        """Remove the partial and its side files (a symlink there is removed, not followed)."""
+        try:
+            self.check()
+        except UnsafePathError:
+            return
         for p in self.files():
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 p.unlink()
 
     def promote_to(self, final: Path) -> None:
         """Give the (checked) bytes their final name, durably: fsync, side files gone, rename,
         fsync of the folder."""
-        with open(self.path, "rb+") as fh:
+        self.check()
+        safe_target(self.root, os.path.relpath(final, self.root))
+        with self.open("r+b") as fh:
             os.fsync(fh.fileno())
         for side in (self.control, self.part_map):
             with contextlib.suppress(FileNotFoundError):

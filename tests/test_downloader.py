@@ -151,7 +151,7 @@ def final_of(run: Run, f: RemoteFile = F) -> Path:
 
 
 def partial_of(run: Run, f: RemoteFile = F) -> Partial:
-    return Partial(final_of(run, f), f.expected_hash)
+    return Partial(run.local_dir, f.path, f.expected_hash)
 
 
 def state(run: Run, f: RemoteFile = F) -> dict[str, Any]:
@@ -374,7 +374,7 @@ def test_backend_for(tmp_path: Path) -> None:
     assert run.backend_for(fetcher.make_job(run, big)) is python
     # A partial already fetched in ranged parts can only be continued in ranges.
     job = fetcher.make_job(run, small)
-    job.final.parent.mkdir(parents=True, exist_ok=True)
+    job.partial.prepare()
     job.partial.part_map.write_text("{}")
     assert run.backend_for(job) is python
     only_python = make_run(tmp_path / "p", python, files=[big], max_single_get=100)

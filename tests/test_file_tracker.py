@@ -213,7 +213,7 @@ def test_reconcile_with_disk(tmp_path: Path, tracker: FileTracker) -> None:
     assert changes == {"now_completed": 1, "now_pending": 1, "now_failed": 1}
     assert tracker.status["a.bin"]["status"] == "failed"
     assert not (local / "a.bin").exists()
-    assert Partial(local / "a.bin", a.expected_hash).path.stat().st_size == 1000
+    assert Partial(local, "a.bin", a.expected_hash).path.stat().st_size == 1000
     assert tracker.status["sub/b.txt"]["status"] == "completed"
     assert tracker.status["sub/deep/c.bin"]["status"] == "pending"
 
@@ -227,7 +227,7 @@ def test_reconcile_removes_long_or_wrong_files_and_can_accept_absence(
     changes = ft.reconcile_with_disk(tracker, local, missing_ok=True)
     assert changes == {"now_completed": 0, "now_pending": 0, "now_failed": 2}
     assert not (local / "a.bin").exists() and not (local / "sub/b.txt").exists()
-    assert not Partial(local / "a.bin", FILES[0].expected_hash).path.exists()
+    assert not Partial(local, "a.bin", FILES[0].expected_hash).path.exists()
     assert tracker.status["sub/deep/c.bin"]["status"] == "completed"
     assert ft.reconcile_with_disk(tracker, local)["now_pending"] == 1
 
@@ -237,11 +237,12 @@ def test_delete_local_files_removes_only_the_tasks_files(tmp_path: Path,
     local = tmp_path / "local"
     for f in FILES:
         put(local, f.path, CONTENT[f.path])
-    partial = Partial(local / "sub/deep/c.bin", FILES[2].expected_hash).path
+    partial = Partial(local, "sub/deep/c.bin", FILES[2].expected_hash).path
+    partial.parent.mkdir(parents=True)
     partial.write_bytes(b"c")
     (local / "sub/deep/c.bin").unlink()
     keep = put(local, "sub/mine.txt", b"not the task's")
-    assert ft.delete_local_files(tracker, local) == 2
+    assert ft.delete_local_files(tracker, local).removed == 2
     assert keep.exists() and not (local / "sub/deep").exists() and not partial.exists()
     assert sorted(p.name for p in local.rglob("*")) == ["mine.txt", "sub"]
 

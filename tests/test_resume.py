@@ -323,7 +323,7 @@ def test_partial_of_an_old_version_is_never_continued(cli, hub):
     assert wait_for(lambda: disk_bytes(target) > 500_000, 30)
     proc.kill()
     proc.wait()
-    old = list(target.glob("w.bin.*.incomplete"))
+    old = list(target.glob(".hfdl/partial/w.bin.*.incomplete"))
     assert len(old) == 1
     hub.bandwidth_per_conn = None
     hub.add_commit("moving", files={"w.bin": Content(3_000_000, 2)})

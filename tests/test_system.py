@@ -42,8 +42,8 @@ from tests.helpers import (
 from utils import format_size
 
 MiB = 2**20
-# A partial and its sidecars: NAME[.VERSION].incomplete[.aria2|.parts|.log]
-PARTIAL_RE = re.compile(r"^(?P<final>.+?)(?:\.[0-9a-f]{8,64})?\.incomplete"
+# A partial and its sidecars: .hfdl/partial/NAME[.VERSION].incomplete[.aria2|.parts|.log]
+PARTIAL_RE = re.compile(r"^\.hfdl/partial/(?P<final>.+?)(?:\.[0-9a-f]{8,64})?\.incomplete"
                         r"(?:\.aria2|\.parts|\.log)?$")
 
 

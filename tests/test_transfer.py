@@ -91,21 +91,23 @@ HASH = "0123456789abcdef" * 4
 
 
 def test_partial_names_the_version(tmp_path: Path) -> None:
-    p = Partial(tmp_path / "model.bin", HASH)
-    assert p.path == tmp_path / "model.bin.0123456789.incomplete"
-    assert p.control == tmp_path / "model.bin.0123456789.incomplete.aria2"
-    assert p.part_map == tmp_path / "model.bin.0123456789.incomplete.parts"
-    assert Partial(tmp_path / "model.bin", "f" * 64).path != p.path
+    p = Partial(tmp_path, "sub/model.bin", HASH)
+    side = tmp_path / ".hfdl/partial/sub"          # out of the repo's own namespace
+    assert p.path == side / "model.bin.0123456789.incomplete"
+    assert p.control == side / "model.bin.0123456789.incomplete.aria2"
+    assert p.part_map == side / "model.bin.0123456789.incomplete.parts"
+    assert Partial(tmp_path, "sub/model.bin", "f" * 64).path != p.path
 
 
 def test_partial_of_a_long_name_fits_name_max(tmp_path: Path) -> None:
-    p = Partial(tmp_path / ("x" * 250), HASH)
+    p = Partial(tmp_path, "x" * 250, HASH)
     assert len(p.part_map.name.encode()) <= 255
     assert p.path.name.endswith(".0123456789.incomplete")
 
 
 def test_partial_kind(tmp_path: Path) -> None:
-    p = Partial(tmp_path / "f.bin", HASH)
+    p = Partial(tmp_path, "f.bin", HASH)
+    p.prepare()
     assert p.kind() == "none"
     p.part_map.write_text("{}")
     assert p.kind() == "none"                    # a side file alone holds no bytes
@@ -126,8 +128,9 @@ def test_partial_kind(tmp_path: Path) -> None:
 
 
 def test_partial_bytes_on_disk_counts_blocks_not_length(tmp_path: Path) -> None:
-    p = Partial(tmp_path / "f.bin", HASH)
+    p = Partial(tmp_path, "f.bin", HASH)
     assert p.bytes_on_disk() == 0
+    p.prepare()
     p.path.write_bytes(b"y" * 5000)
     assert p.bytes_on_disk() == 5000
     with open(p.path, "r+b") as f:
@@ -136,25 +139,29 @@ def test_partial_bytes_on_disk_counts_blocks_not_length(tmp_path: Path) -> None:
 
 
 def test_partial_discard_removes_side_files(tmp_path: Path) -> None:
-    p = Partial(tmp_path / "f.bin", HASH)
+    p = Partial(tmp_path, "f.bin", HASH)
+    p.prepare()
     for path in p.files():
         path.write_bytes(b"z")
     (tmp_path / "f.bin").write_bytes(b"final")   # not the partial's to remove
     p.discard()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["f.bin"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".hfdl", "f.bin"]
+    assert not list(p.path.parent.iterdir())
     p.discard()                                  # nothing left: no error
 
 
 def test_partial_promote_to(tmp_path: Path) -> None:
     final = tmp_path / "sub" / "f.bin"
     final.parent.mkdir()
-    p = Partial(final, HASH)
+    p = Partial(tmp_path, "sub/f.bin", HASH)
+    p.prepare()
     p.path.write_bytes(b"whole")
     p.part_map.write_text("{}")
     p.control.write_bytes(b"c")
     p.promote_to(final)
     assert final.read_bytes() == b"whole"
     assert sorted(x.name for x in final.parent.iterdir()) == ["f.bin"]
+    assert not list(p.path.parent.iterdir())
 
 
 # ================================================================ the python backend
@@ -176,7 +183,9 @@ def _job(hub, tmp_path: Path, path: str, *, connections: int = 1,
     f = RemoteFile(path, entry.size, entry.oid, entry.sha256 if entry.lfs else None)
     final = tmp_path / "out" / path
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Job(file=f, final=final, partial=Partial(final, f.expected_hash),
+    partial = Partial(tmp_path / "out", path, f.expected_hash)
+    partial.prepare()
+    return Job(file=f, final=final, partial=partial,
                url=file_url(hub.url, REPO, "model", "main", path), token=None,
                endpoint=hub.url, connections=connections, max_single_get=max_single_get)
 
