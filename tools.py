@@ -256,13 +256,29 @@ class Aria2Daemon:
 
     def __init__(self, children: ChildSet, *, stall_timeout: float, jobs: int) -> None:
         import secrets
+
+        import requests
         self.secret = secrets.token_hex(16)
         if remove_stale_temp():
             log.info("removed the temp folders of runs that died")
+        self.http = requests.Session()
+        self.http.trust_env = False          # 127.0.0.1: never through a proxy
+        self._ids = 0
+        # The port is free when we pick it, but another process may bind it before aria2c does
+        # (seen under load): aria2c then exits at once, and we try another port.
+        for attempt in range(1, 4):
+            try:
+                self._start(children, stall_timeout, jobs)
+                return
+            except ToolError as exc:
+                if attempt == 3 or "Address already in use" not in str(exc):
+                    raise
+                log.info("aria2c's RPC port %d was taken meanwhile; trying another", self.port)
+
+    def _start(self, children: ChildSet, stall: float, jobs: int) -> None:
         self.folder = temp_folder("aria2")       # removed once aria2c has read it, or by close()
         conf = private_file(self.folder, "aria2.conf", f"rpc-secret={self.secret}\n")
         self.port = _free_port()
-        stall = stall_timeout
         argv = ["aria2c", f"--conf-path={conf}", "--enable-rpc", "--rpc-listen-all=false",
                 f"--rpc-listen-port={self.port}", f"--max-concurrent-downloads={max(1, jobs)}",
                 "--continue=true", "--auto-file-renaming=false", "--allow-overwrite=true",
@@ -280,10 +296,6 @@ class Aria2Daemon:
             self.output.close()
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
-        import requests
-        self.http = requests.Session()
-        self.http.trust_env = False          # 127.0.0.1: never through a proxy
-        self._ids = 0
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -296,9 +308,11 @@ class Aria2Daemon:
                 shutil.rmtree(self.folder, ignore_errors=True)    # the secret: read, not kept
                 return
             except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.output.seek(0)
-                    text = self.output.read().decode(errors="replace").strip()[-300:]
+                self.output.seek(0)
+                text = self.output.read().decode(errors="replace").strip()[-300:]
+                # aria2c keeps running when it could bind only one of 127.0.0.1 / ::1
+                if self.proc.poll() is not None or time.monotonic() > deadline or \
+                        "Address already in use" in text:
                     self.close()
                     raise ToolError(f"aria2c did not start its RPC server: {text or 'no output'}",
                                     hint="try --tool python or --tool wget") from None

@@ -279,3 +279,30 @@ def test_stopped_aria2c_run_leaves_no_temp_folder(cli, hub, tmp_path: Path) -> N
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not list(tmp.glob("hfdl-aria2-*")), os.listdir(tmp)
+
+
+def test_aria2c_takes_another_port_when_its_port_was_taken_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RPC port is picked free, but another process may bind it before aria2c does: aria2c
+    then exits at once, and the daemon starts again on another port instead of failing the run."""
+    import socket
+
+    import tools
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = tools._free_port
+    monkeypatch.setattr(tools, "_free_port", lambda: next(ports, None) or real_free_port())
+    children = tools.ChildSet()
+    try:
+        daemon = tools.Aria2Daemon(children, stall_timeout=10, jobs=1)
+        try:
+            assert daemon.port != taken.getsockname()[1]
+            assert daemon.call("aria2.getVersion")["version"]
+        finally:
+            daemon.close()
+    finally:
+        taken.close()
+        children.kill_all()
