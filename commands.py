@@ -92,7 +92,7 @@ def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path
 
 def report_refused(listing: Any) -> None:
     for name, why in listing.refused:
-        log.warning("skipped %r, a file name from the Hub: %s", name, why)
+        log.warning("skipped %r: %s", name, why)
 
 
 _RESULT_EXIT = {TaskState.COMPLETED: ExitStatus.OK, TaskState.FAILED: ExitStatus.FILES_FAILED,
