@@ -304,6 +304,7 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
             else:
                 lock_id = existing.id
             held.enter_context(store.lock(lock_id))
+        held.enter_context(log_as(lock_id))
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:
@@ -323,7 +324,7 @@ def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | N
     """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
 
     `on_start` gets the pinned commit once the lock is held, before any preflight."""
-    with store.lock(task_id):
+    with store.lock(task_id), log_as(task_id):
         task = store.get(task_id)
         tracker = FileTracker.load(store.folder(task_id), task_id)
         if on_start is not None:

@@ -128,6 +128,7 @@ def test_a_batch_gap_warning_prints_once(cli: Cli, hub: FakeHub, tmp_path: Path)
     assert r.code == 0, r.text
     assert r.err.count("batch 1 is not complete") == 1, r.err
     assert "warning: batch 1 is not complete" in r.err
+    assert " WARNING task_001: batch 1 is not complete" in log_text(cli)
 
 
 def test_per_file_lines_only_with_v_failures_always(cli: Cli, hub: FakeHub):
