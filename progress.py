@@ -1,5 +1,6 @@
 """What a run shows while it works: bytes and files done, speed and ETA, as a tqdm bar on a
-terminal or a plain line every few seconds otherwise (cron, CI), plus a line per finished file.
+terminal or a plain line every few seconds otherwise (cron, CI); `write` puts any other line
+(a warning, a per-file line with -v) above the bar.
 """
 from __future__ import annotations
 
