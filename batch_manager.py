@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batch_planner import Batch, batch_capacity, plan_batches, text_table
-from task_manager import Task, TaskState, TaskStore
+from task_manager import Task, TaskState, TaskStore, log_as
 from utils import SCHEMA_VERSION, HFDError, MetadataError, UsageError, format_size
 
 if TYPE_CHECKING:       # at run time these are imported where used: they cost start-up time
@@ -371,7 +371,7 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
-    with store.lock(task.id):
+    with store.lock(task.id), log_as(task.id):     # the gap warnings name the task too
         plan = load_task_plan(store, task.id)
         batch = plan.batch(number)
         tracker = FileTracker.load(store.folder(task.id), task.id)

@@ -93,8 +93,7 @@ def target_dir(local_dir: str | None, downloads_dir: Path, repo_id: str) -> Path
 
 def report_refused(listing: Any) -> None:
     for name, why in listing.refused:
-        print(f"warning: skipped {printable(repr(name))}: {why}", file=sys.stderr)
-        log.warning("refused a file name from the Hub: %r (%s)", name, why)
+        log.warning("skipped %s: %s", printable(repr(name)), why)
 
 
 _RESULT_EXIT = {TaskState.COMPLETED: ExitStatus.OK, TaskState.FAILED: ExitStatus.FILES_FAILED,

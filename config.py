@@ -105,6 +105,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the longest wait a 429's Retry-After may impose, in seconds"),
     Setting("progress_interval", "HFDL_PROGRESS_INTERVAL", "5", _seconds,
             "seconds between progress lines when stderr is not a terminal"),
+    Setting("log_interval", "HFDL_LOG_INTERVAL", "1", _seconds,
+            "minutes between progress lines in download.log"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
 from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
-from task_manager import StopReason, Task, TaskState, TaskStore
+from task_manager import StopReason, Task, TaskState, TaskStore, log_as
 from tools import choose_tool
 from utils import Partial, format_size, safe_join, safe_target
 
@@ -112,16 +112,26 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
     Internal: its callers (download_repo, resume, batch_manager.run_batch) hold the task lock.
 
     `before_start` runs after the preflight, before the first byte (a batch writes its disk
-    marker there)."""
+    marker there). Every log line meanwhile names the task."""
+    with log_as(task.id):
+        return _run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
+                         reserve=reserve, log=log, stream=stream, quiet=quiet, todo=todo,
+                         local_dir=local_dir, before_start=before_start)
+
+
+def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: str,
+              token: str | None, opts: Options, reserve: int, log: logging.Logger,
+              stream: TextIO, quiet: bool, todo: list[str] | None, local_dir: Path | None,
+              before_start: Callable[[], None] | None) -> RunResult:
     import system_monitor
     tool = choose_tool(opts.tool)
     local_dir = Path(local_dir or task.local_dir)
     work = plan_work(tracker, local_dir, todo)
     if work.adopted:
-        log.info("%s: %d files found complete on disk", task.id, work.adopted)
+        log.info("%d files found complete on disk", work.adopted)
     if work.missing:
-        log.warning("%s: %d completed files are no longer on disk; fetching them again",
-                    task.id, work.missing)
+        log.warning("%d completed files are no longer on disk; fetching them again",
+                    work.missing)
     for path in work.todo:           # a new run gives failed files a fresh set of tries
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
@@ -134,7 +144,7 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
     stopper = Stopper()
     store.update(task.id, status=TaskState.RUNNING, reason="", tool=tool, pid=os.getpid(),
                  endpoint=endpoint, **tracker.summary())
-    log.info("%s: %s %s@%s, %d files to fetch with %s (-x %d -j %d)", task.id,
+    log.info("%s %s@%s, %d files to fetch with %s (-x %d -j %d)",
              task.repo_type, task.repo_id, tracker.meta["commit"], len(work.todo), tool,
              opts.connections, opts.jobs)
 
@@ -180,7 +190,7 @@ def finish_task(store: TaskStore, task: Task, tracker: FileTracker, result: RunR
         finished_at=(time.strftime("%Y-%m-%dT%H:%M:%S%z")
                      if result.status is not TaskState.PAUSED else None),
         **summary), stopper, log)
-    log.info("%s: %s %s (%d/%d files, %d bytes fetched in %.1f s)", task.id, result.status.value,
+    log.info("%s %s (%d/%d files, %d bytes fetched in %.1f s)", result.status.value,
              result.reason, result.files_done, result.files_total, result.bytes_fetched,
              result.elapsed)
     return result
@@ -293,6 +303,7 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
             else:
                 lock_id = existing.id
             held.enter_context(store.lock(lock_id))
+        held.enter_context(log_as(lock_id))
         if existing is not None:
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:
@@ -312,7 +323,7 @@ def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | N
     """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
 
     `on_start` gets the pinned commit once the lock is held, before any preflight."""
-    with store.lock(task_id):
+    with store.lock(task_id), log_as(task_id):
         task = store.get(task_id)
         tracker = FileTracker.load(store.folder(task_id), task_id)
         if on_start is not None:
@@ -329,4 +340,5 @@ def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: in
                    stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
                    max_single_get=cfg.get("max_single_get"),
                    progress_interval=cfg.get("progress_interval"),
+                   log_interval=60 * cfg.get("log_interval"),
                    max_retry_wait=cfg.get("max_retry_wait"))

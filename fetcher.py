@@ -40,6 +40,7 @@ class Options:
     retry_base: float = 1.0
     max_single_get: int = 50 * 10**9
     progress_interval: float = 5.0
+    log_interval: float = 60.0      # seconds between progress lines in the log
     max_retry_wait: float = 600.0   # a 429's Retry-After never makes us wait longer
 
 
@@ -253,9 +254,8 @@ def download_one(run: Run, f: RemoteFile) -> None:
         error = _attempt(run, backend, job)
         if error is None:
             tracker.complete(f.path, f.size)
-            run.log.info("completed %s (%d bytes)", printable(f.path), f.size)
-            run.progress.file_done(f.path, f.size, True,
-                                   f"done: {printable(f.path)} ({format_size(f.size)})")
+            run.log.info("done: %s (%s)", printable(f.path), format_size(f.size))    # with -v
+            run.progress.file_done(f.path, f.size, True, "")
             return
         action = ON_FAILURE[error.kind]
         if stop.is_set() or action is Action.PAUSE:
@@ -269,12 +269,15 @@ def download_one(run: Run, f: RemoteFile) -> None:
             run.gate.close_for(error.retry_after or 5.0, run.opts.max_retry_wait, run.log)
         final = action is Action.GIVE_UP or tries > run.opts.retries
         tracker.attempt_failed(f.path, str(error), final=final)
-        run.log.warning("%s: attempt %d failed: %s", printable(f.path), attempts + tries, error)
         run.progress.update(f.path, job.partial.bytes_on_disk())
-        if final:
+        if final:       # always shown (a warning); a retried attempt only with -v
+            run.log.warning("failed: %s: %s (attempt %d)", printable(f.path), error,
+                            attempts + tries)
             run.failures.append((f.path, str(error)))
-            run.progress.file_done(f.path, f.size, False, f"failed: {printable(f.path)}: {error}")
+            run.progress.file_done(f.path, f.size, False, "")
             return
+        run.log.info("%s: attempt %d failed: %s; trying again", printable(f.path), attempts + tries,
+                     error)
         _backoff(run.opts.retry_base, tries, stop)
     tracker.interrupted(f.path)
     run.progress.file_dropped(f.path)
@@ -327,11 +330,15 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
                for i in range(max(1, min(opts.jobs, len(paths_todo))))]
     for t in threads:
         t.start()
+    logged = time.monotonic()
     try:
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(0.25 / len(threads))
             progress.tick()
+            if time.monotonic() - logged >= opts.log_interval:    # the log is never silent
+                logged = time.monotonic()
+                log.info("%s", progress.line())
             _save_or_pause(tracker.maybe_save, stopper, log)
             if on_tick:
                 _save_or_pause(on_tick, stopper, log)     # it writes tasks.json

@@ -390,11 +390,35 @@ class _NoQuery(logging.Formatter):
 
 
 class _NoTraceback(_NoQuery):
-    """Console lines without the traceback: that goes to the log file (or --debug)."""
+    """Console lines without the traceback (that goes to the log file, or --debug), in the
+    style of the lines we print ourselves: `warning: ...`, `error: ...`; INFO lines (-v) bare."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None,
+        text = super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None,
                                                      "exc_text": None}))
+        if record.levelno >= logging.WARNING or record.levelno < logging.INFO:
+            return f"{record.levelname.lower()}: {text}"
+        return text
+
+
+# extra= of a record for the log file only: its console line is printed another way
+FILE_ONLY = {"file_only": True}
+# Commands that only read: they write nothing to the log (not even create it).
+READ_ONLY = frozenset({"status", "list-tasks", "config", "task-detail", "list-datasets",
+                       "batch-status"})
+
+
+class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr through the progress bar's writer: a warning never breaks the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False):
+            return
+        import progress
+        try:
+            progress.write(self.format(record), self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def _private_open(path: str, flags: int) -> int:
@@ -415,17 +439,24 @@ class _PrivateLog(logging.handlers.RotatingFileHandler):
                     opener=_private_open)
 
 
-def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
-    """A rotated DEBUG log file per data folder; WARNING (minus 10 per -v) on stderr."""
+def setup_logging(logs_dir: Path, verbose: int, quiet: bool, to_file: bool = True) -> Path | None:
+    """WARNING (minus 10 per -v) on stderr, and unless `to_file` is off (read-only commands)
+    a rotated DEBUG log file per data folder, each line of a task naming it."""
     log.setLevel(logging.DEBUG)
     for old in list(log.handlers):       # main() run again in one process: no stale handlers
         log.removeHandler(old)
         old.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _Console(sys.stderr)
     console.setLevel(logging.ERROR if quiet else max(logging.DEBUG, logging.WARNING - 10 * verbose))
-    console.setFormatter(_NoTraceback("%(levelname)s: %(message)s"))
+    console.setFormatter(_NoTraceback("%(message)s"))
     log.addHandler(console)
     logging.raiseExceptions = False      # a full disk must not print "--- Logging error ---"
+    return open_log_file(logs_dir) if to_file else None
+
+
+def open_log_file(logs_dir: Path) -> Path | None:
+    """Add the log file (logs_dir/download.log) to the handlers; None when it cannot be written."""
+    from task_manager import TaskTag
     path = Path(logs_dir) / "download.log"
     try:
         if not path.parent.is_dir():
@@ -434,7 +465,8 @@ def setup_logging(logs_dir: Path, verbose: int, quiet: bool) -> Path | None:
     except OSError as exc:
         log.warning("cannot write the log at %s (%s); logging to stderr only", path, exc.strerror)
         return None
-    handler.setFormatter(_NoQuery("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    handler.addFilter(TaskTag())
+    handler.setFormatter(_NoQuery("%(asctime)s %(process)d %(levelname)s %(task)s%(message)s"))
     log.addHandler(handler)
     return path
 
@@ -465,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg: config.Config | None = None
     try:
         cfg = load_settings(args)
-        log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet)
+        log_path = setup_logging(cfg.logs_dir, args.verbose, args.quiet,
+                                 to_file=args.command not in READ_ONLY)
         log.debug("command: %s", args.command)
         from commands import HANDLERS
         return int(HANDLERS[args.command](args, cfg))
@@ -474,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg is not None and isinstance(exc, HubError) and not _token_allowed(cfg):
             hint = (f"your token was not sent to {cfg.endpoint}, which you did not name; "
                     f"to send it there, add --endpoint {cfg.endpoint}")
-        log.debug("error: %s", exc, exc_info=True)
+        # an expected error (unknown repo, no task, task locked): one line, no traceback
+        log.error("%s (exit %d)", exc, exc.exit_status, extra=FILE_ONLY)
         return report_error(str(exc), hint, exc.exit_status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -487,13 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         folder = _metadata_folder_of(exc, cfg)
         if folder is None or args.debug:
-            return _unexpected(exc, args, log_path)
-        log.debug("metadata folder error: %s", exc, exc_info=True)
+            return _unexpected(exc, args, log_path, cfg)
+        log.error("cannot write the metadata folder %s: %s", folder, _os_reason(exc),
+                  extra=FILE_ONLY)
         return report_error(f"cannot write the metadata folder {folder}: {_os_reason(exc)}",
                             "make it writable, or point --metadata-dir (env METADATA_DIR) "
                             "elsewhere", ExitStatus.ERROR)
     except Exception as exc:
-        return _unexpected(exc, args, log_path)
+        return _unexpected(exc, args, log_path, cfg)
 
 
 def _json_stop(what: str, status: int) -> int:
@@ -521,9 +556,13 @@ def _os_reason(exc: OSError) -> str:
     return _FOLDER_ERRNOS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
 
 
-def _unexpected(exc: BaseException, args: argparse.Namespace, log_path: Path | None) -> int:
-    """A bug: the traceback goes to the log (or, with --debug, to the terminal)."""
-    log.error("unexpected error", exc_info=exc)
+def _unexpected(exc: BaseException, args: argparse.Namespace, log_path: Path | None,
+                cfg: config.Config | None) -> int:
+    """A bug: the traceback goes to the log (or, with --debug, to the terminal); a read-only
+    command opens the log for it."""
+    if log_path is None and cfg is not None and args.command in READ_ONLY:
+        log_path = open_log_file(cfg.logs_dir)
+    log.error("unexpected error", exc_info=exc, extra=FILE_ONLY)
     if args.debug:
         raise exc
     where = log_path or "the log (no log file could be written)"

@@ -1,9 +1,11 @@
 """What a run shows while it works: bytes and files done, speed and ETA, as a tqdm bar on a
-terminal or a plain line every few seconds otherwise (cron, CI), plus a line per finished file.
+terminal or a plain line every few seconds otherwise (cron, CI); `write` puts any other line
+(a warning, a per-file line with -v) above the bar.
 """
 from __future__ import annotations
 
 import shutil
+import sys
 import threading
 import time
 from collections import deque
@@ -13,6 +15,17 @@ from utils import format_duration, format_size
 
 
 BAR_FORMAT = "{percentage:3.0f}%|{bar}| {desc}"
+
+
+def write(line: str, stream: TextIO) -> None:
+    """One line for the user (a warning, a per-file line) that never breaks a live bar: tqdm
+    writes it above the bar. Without tqdm imported there is no bar: a plain line."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        print(line, file=stream, flush=True)
+    else:
+        tqdm_module.tqdm.write(line, file=stream)
+        stream.flush()
 
 
 class Progress:
@@ -54,12 +67,8 @@ class Progress:
             if ok:
                 self.done_files += 1
                 self.base_bytes += size
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
+        if message and not self.quiet:
+            write(message, self.stream)
 
     def file_started(self, path: str, have: int) -> None:
         """Bytes already in the partial count as done, not as fetched by this run."""

@@ -125,8 +125,7 @@ def files(rows: list[dict], shown: list[dict], counts: dict[str, int]) -> None:
 
 
 def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
-    for warning in run.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    # run.warnings were logged (shown once, as `warning:` lines) when the batch started
     p = run.progress
     if as_json:
         out_json({"task": task_id, "batch": number, "status": run.result.status.value,

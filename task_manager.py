@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
 import re
 import shutil
@@ -522,3 +523,27 @@ def cancel(store: TaskStore, task_id: str, wait: float, *,
     except TaskLockedError:
         raise HFDError(f"{tid} just started running; run cancel again") from None
     return CancelOutcome(tid, False, None)
+
+
+# ================================================================ the task tag of log lines
+
+_running: list[str] = []      # the task this process is running (a plain list: worker threads see it)
+
+
+@contextlib.contextmanager
+def log_as(task_id: str) -> Iterator[None]:
+    """Every log line written meanwhile, from any thread, names the task (see TaskTag)."""
+    _running.append(task_id)
+    try:
+        yield
+    finally:
+        _running.pop()
+
+
+class TaskTag(logging.Filter):
+    """Gives each record `task`: "task_001: " while a task runs, else "" (for a handler's
+    format), so the task id is on every line of a task without hand-written prefixes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.task = f"{_running[-1]}: " if _running else ""
+        return True

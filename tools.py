@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
-                      auth_headers, resolve_location, retry_after_seconds, same_origin,
-                      short_error, strip_query)
+                      auth_headers, cut_short, http_error, refused, resolve_location,
+                      retry_after_seconds, same_origin, short_error, stalled, strip_query)
 from utils import ToolError, UsageError
 
 log = logging.getLogger("hfdl.tools")
@@ -141,7 +141,7 @@ def watch_process(proc: subprocess.Popen[bytes], job: Job, report: Report,
             raise FetchError("stopped", FailureKind.STOPPED)
         if time.monotonic() - last_change > stall_timeout:
             kill_group(proc)
-            raise FetchError(f"stalled: no byte for {stall_timeout:g} s")
+            raise stalled(stall_timeout)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -454,22 +454,33 @@ class Aria2Backend:
             if st["status"] in ("error", "removed"):
                 raise self.error(int(st.get("errorCode") or 1), st.get("errorMessage") or "", job)
             if time.monotonic() - last_change > self.stall_timeout:
-                raise FetchError(f"stalled: no byte for {self.stall_timeout:g} s")
+                raise stalled(self.stall_timeout)
 
     def error(self, code: int, detail: str, job: Job) -> FetchError:
-        """aria2c's exit code (3: not found, 9: disk full) and the HTTP status in its message."""
+        """aria2c's error code and message in the words every backend uses (transfer.py):
+        the HTTP status in its message, 2 (timeout), 3 (not found), 9 (disk full), and a
+        dropped connection (1 or 6: "Connection reset", "EOF", or the "No URI available"
+        left when the connections of a download failed that way)."""
         detail = redact(detail, job.token)[:300]
         status = re.search(r"status=(\d{3})", detail)
         n = int(status.group(1)) if status else None
         if n == 429:
-            return FetchError(f"rate limited (429): {detail}", FailureKind.RATE_LIMITED,
+            return FetchError("rate limited (429)", FailureKind.RATE_LIMITED,
                               retry_after=probe_retry_after(self.sessions, job))
         if n == 401:
-            return FetchError(f"HTTP {n}: {detail}", FailureKind.DENIED)
-        if n == 404 or code == 3:
-            return FetchError(f"HTTP {n or 404}: {detail}", FailureKind.NOT_FOUND)
+            return FetchError(f"HTTP {n}: access refused", FailureKind.DENIED)
+        if n is not None and n >= 400:
+            return http_error(n, job.url, {})
+        if code == 3:
+            return FetchError("HTTP 404 not found", FailureKind.NOT_FOUND)
         if code == 9:
             return FetchError(f"aria2c: not enough disk space: {detail}", FailureKind.DISK_FULL)
+        if code == 2 or "timeout" in detail.lower() or "timed out" in detail.lower():
+            return stalled(self.stall_timeout)
+        if "refused" in detail.lower():
+            return refused()
+        if code in (1, 6) and re.search(r"reset|EOF|receive|No URI|closed", detail, re.I):
+            return cut_short(job.partial.bytes_on_disk(), job.file.size)
         return FetchError(f"aria2c error {code}: {detail}")
 
 
@@ -496,8 +507,10 @@ class WgetBackend:
         job.partial.check()        # the tool follows symlinks: none may be on the way
         url = tool_url(self.sessions, job, self.stall_timeout)
         # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
+        # --progress=dot:giga: verbose enough to say why a transfer ended ("Read error at byte
+        # ... (Connection reset by peer)"), one line per 32 MiB of progress dots.
         argv = ["wget", "--no-config", "--continue", "--no-iri", "--tries=1", "--server-response",
-                "--no-verbose", f"--timeout={int(max(5, self.stall_timeout))}",
+                "--progress=dot:giga", f"--timeout={int(max(5, self.stall_timeout))}",
                 f"--user-agent={USER_AGENT}", f"--output-document={job.partial.path}", "--", url]
         self._run(argv, job, report, stop)
         return None
@@ -518,7 +531,8 @@ class WgetBackend:
         report(job.partial.bytes_on_disk())
 
     def error(self, code: int, detail: str, job: Job) -> FetchError:
-        """wget's exit code (3: file write error) and the last HTTP status it printed."""
+        """wget's exit code (3: file write error, 4: network failure) and the last HTTP
+        status it printed, in the words every backend uses (transfer.py)."""
         statuses = re.findall(r"HTTP/[\d.]+ (\d{3})", detail)
         n = int(statuses[-1]) if statuses else None
         if n == 429:
@@ -527,20 +541,26 @@ class WgetBackend:
                               retry_after=float(after[-1]) if after
                               else probe_retry_after(self.sessions, job))
         if n == 401:
-            return FetchError(f"HTTP {n}: {detail}", FailureKind.DENIED)
-        if n == 404:
-            return FetchError(f"HTTP {n}: {detail}", FailureKind.NOT_FOUND)
+            return FetchError(f"HTTP {n}: access refused", FailureKind.DENIED)
         if n == 416:
             return FetchError("HTTP 416: the partial file is longer than the file",
                               FailureKind.BAD_PARTIAL)
+        if n is not None and n >= 400:
+            return http_error(n, job.url, {})
         if code == 3:
             return FetchError(f"wget: file write error: {detail}", FailureKind.DISK_FULL)
-        return FetchError(f"wget exited {code}" + (f" (HTTP {n})" if n else "") + f": {detail}")
+        if "timed out" in detail:
+            return stalled(self.stall_timeout)
+        if "refused" in detail:
+            return refused()
+        if code == 4:
+            return cut_short(job.partial.bytes_on_disk(), job.file.size)
+        return FetchError(f"wget exited {code}: {detail}")
 
 
 def _wget_tail(text: str, token: str | None) -> str:
     """The lines of wget's output that explain a failure, for the error message and the log."""
     keep = [ln.strip() for ln in text.splitlines()
             if re.search(r"^\s*HTTP/\d|^\s*Retry-After:|Cannot write|No space left|rror:|"
-                         r"failed|refused|ERROR", ln)]
+                         r"failed|refused|ERROR|Read error|Connection closed|timed out", ln)]
     return redact(" | ".join(keep[-4:]), token)[:400]

@@ -167,6 +167,22 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return float(match.group(1)) if match else None
 
 
+# ---- what went wrong, in plain words: the one wording of each case, whatever the tool
+
+def cut_short(have: int, size: int) -> FetchError:
+    """The server closed (or reset) the connection before the whole file arrived."""
+    return FetchError(f"connection closed by the server after {have} of {size} bytes")
+
+
+def stalled(seconds: float) -> FetchError:
+    """No byte arrived for the stall timeout."""
+    return FetchError(f"no data for {seconds:g} s")
+
+
+def refused() -> FetchError:
+    return FetchError("the server refused the connection")
+
+
 def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
     """Map an HTTP status on a file request to a FetchError."""
     if status == 429:
@@ -179,12 +195,29 @@ def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
                           FailureKind.DENIED if code else FailureKind.TRANSIENT)
     if status == 403:
         # A signed CDN link that expired: ask /resolve/ again on the next attempt.
-        return FetchError("HTTP 403 (expired or refused link)")
+        return FetchError("the CDN link expired (403); asking for a new one")
     if status == 404:
         return FetchError(f"HTTP 404 {code or 'not found'}", FailureKind.NOT_FOUND)
     if status == 416:
         return FetchError("HTTP 416 (range not satisfiable)", FailureKind.BAD_PARTIAL)
+    if status >= 500:
+        return FetchError(f"server error {status}")
     return FetchError(f"HTTP {status}")
+
+
+def network_error(exc: BaseException, have: int, size: int, stall_timeout: float) -> FetchError:
+    """A requests/urllib3 failure in plain words, not urllib3's exception text."""
+    import requests
+    text = str(exc)
+    if isinstance(exc, requests.ConnectTimeout):
+        return FetchError(f"no answer from the server in {min(30, stall_timeout):g} s")
+    if isinstance(exc, (requests.Timeout, TimeoutError)) or "timed out" in text:
+        return stalled(stall_timeout)
+    if "Connection refused" in text:
+        return refused()
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return FetchError("cannot resolve the server's name")
+    return cut_short(have, size)
 
 
 def resolve_location(session: "requests.Session", job: Job, timeout: float) -> str:
@@ -261,7 +294,7 @@ class PythonBackend:
         if offset:
             hash_file(path, f.hash_kind, f.size, start_hasher=hasher)  # primes hasher
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp = self._get(job, headers)
+        resp = self._get(job, headers, offset)
         with resp:
             if offset and resp.status_code == 200:      # the server ignored Range: start over
                 offset, hasher = 0, new_hasher(f.hash_kind, f.size)
@@ -271,13 +304,13 @@ class PythonBackend:
             with job.partial.open(mode) as out:
                 out.seek(offset)
                 out.truncate()
-                done = self._copy(resp, out, hasher, offset, report, stop)
+                done = self._copy(resp, out, hasher, offset, report, stop, f.size)
                 out.flush()
         if done != f.size:
-            raise FetchError(f"body cut short: {done} of {f.size} bytes")
+            raise cut_short(done, f.size)
         return hasher.hexdigest()
 
-    def _get(self, job: Job, headers: dict[str, str]) -> "requests.Response":
+    def _get(self, job: Job, headers: dict[str, str], have: int) -> "requests.Response":
         """GET the resolve URL, following redirects ourselves so the token stays home."""
         import requests
         chain = Chain(job)
@@ -296,11 +329,11 @@ class PythonBackend:
                     raise http_error(resp.status_code, chain.url, resp.headers)
                 return resp
         except requests.RequestException as exc:
-            raise FetchError(short_error(exc)) from None
+            raise network_error(exc, have, job.file.size, self.stall_timeout) from None
         raise FetchError("too many redirects")
 
     def _copy(self, resp: "requests.Response", out: IO[bytes], hasher: "hashlib._Hash",
-              offset: int, report: Report, stop: threading.Event) -> int:
+              offset: int, report: Report, stop: threading.Event, size: int) -> int:
         done = offset
         try:
             for chunk in _chunks(resp, self.CHUNK):
@@ -314,7 +347,7 @@ class PythonBackend:
                 done += len(chunk)
                 report(done)
         except _network_errors() as exc:
-            raise FetchError(f"connection lost after {done} bytes: {short_error(exc)}") from None
+            raise network_error(exc, done, size, self.stall_timeout) from None
         return done
 
     # ---- ranged parts into one file; progress of each part kept in the partial's part map
@@ -331,7 +364,7 @@ class PythonBackend:
 
         def run_part(part: list[int]) -> None:
             try:
-                self._fetch_range(job, part, lock, lambda: report(total()), stop)
+                self._fetch_range(job, part, lock, lambda: report(total()), stop, total)
             except FetchError as exc:
                 errors.append(exc)
 
@@ -373,9 +406,10 @@ class PythonBackend:
         return parts
 
     def _fetch_range(self, job: Job, part: list[int], lock: threading.Lock,
-                     report: Callable[[], None], stop: threading.Event) -> None:
+                     report: Callable[[], None], stop: threading.Event,
+                     total: Callable[[], int]) -> None:
         start, end, offset = part
-        resp = self._get(job, {"Range": f"bytes={offset}-{end}"})
+        resp = self._get(job, {"Range": f"bytes={offset}-{end}"}, total())
         with resp, job.partial.open("r+b") as out:
             if not _range_starts_at(resp, offset):
                 raise FetchError("the server ignored a range request")
@@ -396,11 +430,11 @@ class PythonBackend:
                     if offset > end:
                         break
             except _network_errors() as exc:
-                raise FetchError(f"connection lost: {short_error(exc)}") from None
+                raise network_error(exc, total(), job.file.size, self.stall_timeout) from None
             out.flush()
             os.fsync(out.fileno())
         if offset <= end:
-            raise FetchError(f"range cut short at {offset} of {end + 1}")
+            raise cut_short(total(), job.file.size)
 
     def _save_parts_loop(self, job: Job, parts: list[list[int]], lock: threading.Lock,
                          stop: threading.Event) -> None:

@@ -65,7 +65,7 @@ def test_system_monitor_warnings_reach_the_log_file(tmp_path: Path, capsys) -> N
     for handler in logging.getLogger("hfdl").handlers:
         handler.flush()
     assert "WARNING disk guard could not measure /x: gone" in path.read_text()
-    assert "WARNING: disk guard could not measure /x: gone" in capsys.readouterr().err
+    assert "warning: disk guard could not measure /x: gone" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- settings
