@@ -44,6 +44,8 @@ class BatchRun:
     target: str
     progress: dict[str, Any]
     batch_count: int
+    left: list[int] = field(default_factory=list)     # batches not complete, after this run
+    next_step: str | None = None                      # the command for the next one
 
 
 class BatchState(str, enum.Enum):
@@ -269,11 +271,86 @@ def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
     return PlanChoice(task, plan, False)
 
 
-def resume_point(store: TaskStore, task_id: str) -> tuple[int, str | None]:
-    """`resume` of a batch task: the batch that was running, and the target it was going to."""
+def held_batches(target: Path, plan: Plan) -> list[int]:
+    """The batches of `plan` that the disk at `target` holds, from its marker."""
+    marker = read_marker(target) or {"batches": []}
+    return sorted({e["batch"] for e in marker["batches"]
+                   if e.get("plan_id") == plan.plan_id and isinstance(e.get("batch"), int)})
+
+
+def _held_text(target: Path, plan: Plan, numbers: list[int], task_id: str) -> str:
+    ids = {e.get("task_id") for e in (read_marker(target) or {"batches": []})["batches"]
+           if e.get("plan_id") == plan.plan_id} - {None}
+    owner = task_id if task_id in ids or not ids else sorted(map(str, ids))[0]
+    which = (f"batch {numbers[0]}" if len(numbers) == 1
+             else "batches " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}")
+    return f"{which} of {owner}"
+
+
+def unfinished(plan: Plan, tracker: FileTracker) -> list[int]:
+    """The batches of the plan that are not complete, in order."""
+    return [b.number for b in plan.batches
+            if batch_progress(b, tracker)["state"] != BatchState.COMPLETED]
+
+
+def unfinished_of(store: TaskStore, task_id: str, plan: Plan) -> list[int]:
+    from file_tracker import FileTracker
+    return unfinished(plan, FileTracker.load(store.folder(task_id), task_id))
+
+
+def continue_command(task_id: str, plan: Plan, number: int) -> str:
+    """The command that continues batch `number`: on the disk it started on, if it did."""
+    target = plan.target_of(number)
+    return f"python main.py batch-continue {task_id} {number}" + (
+        f" --local-dir {target}" if target else "")
+
+
+def next_step(task_id: str, plan: Plan, left: list[int], after: int) -> str | None:
+    """What to run next: the first unfinished batch after `after` (else the first of all)."""
+    if not left:
+        return None
+    number = next((n for n in left if n > after), left[0])
+    target = plan.target_of(number)
+    if target:
+        return f"mount the disk of batch {number}, then {continue_command(task_id, plan, number)}"
+    return f"swap the disk, then python main.py batch-continue {task_id} {number}"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    number: int | None               # the batch to continue, None when there is none
+    target: str | None
+    left: list[int]                  # the batches not complete
+    batch_count: int
+
+
+def resume_point(store: TaskStore, task_id: str) -> ResumePoint:
+    """`resume` of a batch task: the unfinished batch whose disk is mounted now (its marker says
+    so), preferring the batch started last. Refuses (HFDError) when no such disk is mounted,
+    naming the command that works."""
+    from file_tracker import FileTracker
     plan = load_task_plan(store, task_id)
-    number = plan.current or 1
-    return number, plan.target_of(number)
+    tracker = FileTracker.load(store.folder(task_id), task_id)
+    left = unfinished(plan, tracker)
+    count = len(plan.batches)
+    if not left:
+        return ResumePoint(None, None, [], count)
+    order = ([plan.current] if plan.current in left else []) + [n for n in left
+                                                                 if n != plan.current]
+    for number in order:
+        target = plan.target_of(number)
+        if target and number in held_batches(Path(target), plan):
+            return ResumePoint(number, target, left, count)
+    task = store.get(task_id)
+    here = Path(plan.target_of(plan.current or 0) or task.local_dir)
+    held = held_batches(here, plan)
+    holds = (f"holds {_held_text(here, plan, held, task_id)}, complete" if held
+             else "holds no batch of it")
+    current = plan.current or 0         # the batch started last first, if unfinished
+    raise HFDError(f"no disk of an unfinished batch of {task_id} is mounted (the disk at {here} "
+                   f"{holds}); unfinished: {', '.join(map(str, left))} of {count}",
+                   hint=next_step(task_id, plan, left, current - 1 if current in left
+                                  else current))
 
 
 def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
@@ -366,8 +443,12 @@ def marker_has(target: Path, plan: Plan, number: int) -> bool:
 
 def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
               endpoint: str, token: str | None, opts: Options, reserve: int,
-              log: logging.Logger, stream: TextIO, quiet: bool = False) -> BatchRun:
-    """Download batch N of a batch task onto whatever disk is at the target now."""
+              log: logging.Logger, stream: TextIO, quiet: bool = False,
+              force: bool = False) -> BatchRun:
+    """Download batch N of a batch task onto whatever disk is at the target now.
+
+    A disk whose marker holds other batches of the plan, not N, is refused (HFDError) unless
+    `force`: batch N would land beside another batch's files."""
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
@@ -376,10 +457,19 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         batch = plan.batch(number)
         tracker = FileTracker.load(store.folder(task.id), task.id)
         target = Path(target or task.local_dir)
-        warnings = [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
-                    f"files); finish it later with batch-continue {task.id} {b.number}"
-                    for b in plan.batches[:number - 1]
-                    for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
+        warnings = []
+        held = held_batches(target, plan)
+        if held and number not in held:
+            text = (f"{target}: this disk holds {_held_text(target, plan, held, task.id)}; "
+                    f"swap the disk or pass --local-dir")
+            if not force:
+                raise HFDError(text, hint=f"--force writes batch {number} beside it")
+            warnings.append(f"{text} (--force: batch {number} goes beside it)")
+        warnings += [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
+                     f"files); finish it later with "
+                     f"{continue_command(task.id, plan, b.number).removeprefix('python main.py ')}"
+                     for b in plan.batches[:number - 1]
+                     for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
         for w in warnings:
             log.warning(w)
 
@@ -394,15 +484,16 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
                                      opts=opts, reserve=reserve, log=log, stream=stream,
                                      quiet=quiet, todo=list(batch.paths), local_dir=target,
                                      before_start=mark_start)
-        _finish_batch(store, task, plan, batch, tracker, target, result)
+        left = _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker)
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,
-                    len(plan.batches))
+                    len(plan.batches), left, next_step(task.id, plan, left, number))
 
 
 def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
-                  tracker: FileTracker, target: Path, result: RunResult) -> None:
-    """Record the batch's outcome on the disk and in the plan; the task's state follows."""
+                  tracker: FileTracker, target: Path, result: RunResult) -> list[int]:
+    """Record the batch's outcome on the disk and in the plan; the task's state follows.
+    Returns the batches not complete."""
     from utils import now_iso
     progress = batch_progress(batch, tracker)
     entry = plan.state.setdefault(batch.number, {"target": str(target)})
@@ -410,16 +501,22 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
         entry["completed_at"] = now_iso()
         if read_marker(target) is not None or target.exists():
             write_marker(target, task, plan, batch.number, BatchState.COMPLETED)
+        if result.status is TaskState.FAILED:
+            # failed files of other batches (e.g. marked by verify on a shelved disk) are not
+            # this batch's: it is complete
+            result.status, result.reason = TaskState.COMPLETED, ""
     save_task_plan(store, task.id, plan)
+    left = unfinished(plan, tracker)
     if result.status is not TaskState.COMPLETED:
-        return                          # paused, cancelled or failed: run_task said why
-    batches = plan.batches
-    left = [b.number for b in batches
-            if batch_progress(b, tracker)["state"] != BatchState.COMPLETED]
+        return left                     # paused, cancelled or failed: run_task said why
     if left:
+        step = next_step(task.id, plan, left, batch.number) or ""
         store.update(task.id, status=TaskState.PAUSED,
-                     reason=f"batch {batch.number} of {len(batches)} done; next: batch-continue "
-                            f"{task.id} {left[0]}")
+                     reason=f"batch {batch.number} of {len(plan.batches)} done; next: "
+                            + step.split("then python main.py ")[-1])
+    elif store.get(task.id).status is not TaskState.COMPLETED:
+        store.update(task.id, status=TaskState.COMPLETED, reason="")
+    return left
 
 
 def batch_rows(store: TaskStore, task: Task) -> list[dict[str, Any]]:
