@@ -397,6 +397,8 @@ def cmd_clean(args: Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     wanted = {normalize_id(t) for t in args.tasks}
+    if args.plans:
+        return _clean_plans(store, wanted)
     removed, running = clean_tasks(store, wanted, include_ended=args.all,
                                    delete_files=args.delete_files)
     for c in removed:
@@ -411,6 +413,25 @@ def cmd_clean(args: Namespace, cfg) -> int:
         out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))
     elif not args.delete_files:
         out("downloaded files were kept (--delete-files removes them)")
+    return ExitStatus.OK
+
+
+def _clean_plans(store: TaskStore, wanted: set[str]) -> int:
+    """clean --plans: the batch plans that were made and never started."""
+    import batch_manager as bm
+    plans = [t for t in bm.unstarted_plans(store) if not wanted or t.id in wanted]
+    removed = bm.remove_unstarted(store, plans)
+    for t in plans:
+        if t.id in removed:
+            out(f"removed {t.id} (unstarted plan of {t.repo_type} {t.repo_id}, "
+                f"{format_size(t.available_space or 0)} disks)")
+        else:
+            out(f"skipped {t.id}: it started meanwhile")
+    for tid in sorted(wanted - {t.id for t in plans}):
+        out(f"kept {tid}: not an unstarted plan" if tid in store.all()
+            else f"no task {tid} in {store.root}")
+    if not removed:
+        out("nothing to clean (no unstarted plans" + (" among those named)" if wanted else ")"))
     return ExitStatus.OK
 
 
@@ -509,6 +530,8 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, Plan
     if choice.reused:
         say(args.quiet, f"reusing the plan of {choice.task.id} "
                         f"(pinned at {str(choice.task.commit)[:12]})")
+    for tid in choice.replaced:
+        say(args.quiet, f"{choice.task.id} replaces the unstarted plan {tid}")
     return store, choice
 
 

@@ -269,6 +269,8 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true", help="also cancelled and failed tasks")
     p.add_argument("--delete-files", action="store_true",
                    help="also delete the downloaded files of the removed tasks")
+    p.add_argument("--plans", action="store_true",
+                   help="instead: remove the batch plans that were made and never started")
 
     p = add("fix-progress", "rebuild per-file status and counters from the files on disk")
     p.add_argument("tasks", nargs="*", metavar="TASK", help="only these tasks (default: all)")

@@ -170,3 +170,74 @@ def test_a_disk_holding_another_batch_is_refused(cli, hub, tmp_path):
     check_disk(mnt, files, batches[0] + batches[1])
     marker = json.loads((mnt / MARKER).read_text())
     assert sorted(e["batch"] for e in marker["batches"]) == [1, 2]
+
+
+# ---------------------------------------------------------------- trial plans (point 11)
+
+def task_ids(cli) -> list[str]:
+    r = cli("list-tasks", "--json")
+    assert r.code == 0, r.text
+    data = json.loads(r.out)
+    rows = data["tasks"] if isinstance(data, dict) else data
+    return sorted(row["id"] if "id" in row else row["task"] for row in rows)
+
+
+def test_a_new_plan_replaces_the_unstarted_plan_of_the_same_repo_and_folder(cli, hub, tmp_path):
+    hub.add_repo("org/big", dataset_files(), repo_type="dataset")
+    plan = ["plan-batch", "org/big", "--dataset"]
+    assert cli(*plan, "--available-space", "3500K").code == 0               # task_001
+    r = cli(*plan, "--available-space", "5M")
+    assert r.code == 0, r.text
+    assert "task_002 replaces the unstarted plan task_001" in r.err
+    assert task_ids(cli) == ["task_002"]
+    assert not (cli.metadata / "tasks" / "task_001").exists()
+    r = cli(*plan, "--available-space", "5M")                                # the same plan
+    assert r.code == 0 and "reusing the plan of task_002" in r.err and "replaces" not in r.err
+    other = tmp_path / "usb"                                                  # another folder
+    r = cli(*plan, "--available-space", "4M", "--local-dir", str(other))
+    assert r.code == 0 and "replaces" not in r.err, r.text
+    assert task_ids(cli) == ["task_002", "task_003"]
+    # a started plan is never replaced
+    assert cli("batch-download", "org/big", "--dataset", "--available-space", "5M").code == 0
+    r = cli(*plan, "--available-space", "6M")
+    assert r.code == 0 and "replaces" not in r.err, r.text
+    assert task_ids(cli) == ["task_002", "task_003", "task_004"]
+    # clean --plans: the unstarted ones go, the started one stays
+    r = cli("clean", "--plans")
+    assert r.code == 0, r.text
+    assert "removed task_003 (unstarted plan of dataset org/big" in r.out
+    assert "removed task_004" in r.out and "task_002" not in r.out
+    assert task_ids(cli) == ["task_002"]
+    r = cli("clean", "--plans")
+    assert r.code == 0 and "nothing to clean (no unstarted plans)" in r.out, r.text
+
+
+def test_a_20k_file_plan_stores_its_listing_once(cli, hub):
+    """Measured on this listing: 17.5 MB of metadata before (batch_plan.json 4.7 MB, a second
+    copy of the listing with every batch's paths), 12.8 MB after (batch_plan.json ~1 KB)."""
+    import batch_manager as bm
+    from task_manager import TaskStore
+    from tests.test_batch import virtual_dataset
+    hub.add_repo("big/corpus", virtual_dataset(), repo_type="dataset")
+    out = cli.root / "plan.json"
+    r = cli("plan-batch", "big/corpus", "--dataset", "--available-space", "10T", "--output",
+            str(out))
+    assert r.code == 0, r.text
+    folder = cli.metadata / "tasks" / "task_001"
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert sizes["batch_plan.json"] < 16_000, sizes
+    total = sum(p.stat().st_size for p in cli.metadata.rglob("*") if p.is_file())
+    assert total < 13_500_000, sizes
+    stored = json.loads((folder / "batch_plan.json").read_text())
+    assert "files" not in stored and stored["file_count"] == 20_000
+    # the batches read back are those of the self-contained plan file, path for path
+    plan = bm.load_task_plan(TaskStore(cli.metadata), "task_001")
+    written = json.loads(out.read_text())
+    assert [list(b.paths) for b in plan.batches] == [b["paths"] for b in written["batches"]]
+    assert [f.path for f in plan.files] == [f["path"] for f in written["files"]]
+    # and a saved plan keeps the compact form
+    plan.state[1] = {"target": "/x"}
+    bm.save_task_plan(TaskStore(cli.metadata), "task_001", plan)
+    assert (folder / "batch_plan.json").stat().st_size < 16_000
+    r = cli("batch-status", "task_001", "--json")
+    assert r.code == 0 and len(json.loads(r.out)["batches"]) == len(written["batches"]), r.text
