@@ -241,3 +241,19 @@ def test_a_20k_file_plan_stores_its_listing_once(cli, hub):
     assert (folder / "batch_plan.json").stat().st_size < 16_000
     r = cli("batch-status", "task_001", "--json")
     assert r.code == 0 and len(json.loads(r.out)["batches"]) == len(written["batches"]), r.text
+
+
+def test_a_broken_compact_plan_is_one_error_line(cli, hub):
+    hub.add_repo("org/big", dataset_files(), repo_type="dataset")
+    assert cli("plan-batch", "org/big", *SPACE).code == 0
+    path = cli.metadata / "tasks" / "task_001" / "batch_plan.json"
+    good = json.loads(path.read_text())
+    assert good["batches"][0]["ranges"][0][0] == 0
+    for broken in ({**good, "file_count": 3},
+                   {**good, "batches": [{**good["batches"][0], "ranges": [[5, 999]]}]}):
+        path.write_text(json.dumps(broken))
+        r = cli("batch-status", "task_001")
+        assert r.code == 1, r.text
+        (line,) = error_lines(r)
+        assert str(path) in line and "not a valid batch plan" in line, line
+        assert "hint: run plan-batch again" in r.err
