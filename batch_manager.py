@@ -12,14 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from batch_planner import Batch, batch_capacity, plan_batches, text_table
+# the stored plan lives in batch_plan; batch_manager.Plan & co. stay where callers find them
+from batch_plan import (LISTING_REF, PLAN_FILE, PLAN_KIND, Plan, load_task_plan,  # noqa: F401
+                        new_plan, read_plan_file, save_task_plan, write_plan_file)
+from batch_planner import Batch, batch_capacity, text_table
 from task_manager import Task, TaskState, TaskStore, log_as
-from utils import SCHEMA_VERSION, HFDError, MetadataError, UsageError, format_size
+from utils import HFDError, UsageError, format_size
 
 if TYPE_CHECKING:       # at run time these are imported where used: they cost start-up time
     import logging
 
-    from dataset_manager import Listing, RemoteFile
+    from dataset_manager import Listing
     from downloader import Options, RunResult
     from file_tracker import FileTracker
 
@@ -30,9 +33,7 @@ if TYPE_CHECKING:       # at run time these are imported where used: they cost s
 # into the target folder of the moment; files of other batches are expected to be absent
 # (their disk was swapped out), so they are never reported missing nor fetched again.
 
-PLAN_KIND = "hf-downloader-plan"
 MARKER_NAME = ".hf-downloader-batch.json"
-PLAN_FILE = "batch_plan.json"            # in the task folder, beside file_tracker's files
 
 
 @dataclass
@@ -44,6 +45,8 @@ class BatchRun:
     target: str
     progress: dict[str, Any]
     batch_count: int
+    left: list[int] = field(default_factory=list)     # batches not complete, after this run
+    next_step: str | None = None                      # the command for the next one
 
 
 class BatchState(str, enum.Enum):
@@ -55,176 +58,12 @@ class BatchState(str, enum.Enum):
     OVERSIZE = "oversize"          # pending, and bigger than the planned disk
 
 
-_PLAN_ORDER = ("schema_version", "kind", "plan_id", "repo_id", "repo_type", "revision", "commit",
-               "available_space", "safety_margin", "capacity", "created_at", "files", "batches",
-               "state", "current")
-
-
-@dataclass
-class Plan:
-    """A batch plan pinned to one commit: batch_plan.json in the task folder (with `state`, where
-    each batch went) and the `plan-batch --output` file (without it).
-
-    The JSON keeps the keys it was read with, in their order (`json_keys`); keys this version does
-    not know ride along in `extra`.
-    """
-
-    plan_id: str
-    repo_id: str
-    repo_type: str
-    revision: str
-    commit: str
-    available_space: int
-    safety_margin: float
-    capacity: int
-    files: list[RemoteFile]
-    batches: list[Batch]
-    state: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch number -> its disk
-    current: int | None = None            # the batch started last (resume continues it)
-    created_at: str | None = None
-    schema_version: int = SCHEMA_VERSION
-    json_keys: tuple[str, ...] = field(default=(), repr=False)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_json(cls, data: Any, source: Path | str, hint: str) -> Plan:
-        """A plan read from `source`; a missing or wrong-typed field is a MetadataError."""
-        from dataset_manager import RemoteFile
-        if not isinstance(data, dict):
-            raise MetadataError(f"metadata file {source} is not a valid batch plan", hint=hint)
-        try:
-            files = [RemoteFile(_typed(f, "path", str), _typed(f, "size", int),
-                                _typed(f, "blob_id", str), _typed(f, "sha256", str, None))
-                     for f in _typed(data, "files", list)]
-            state = {int(n): _typed(data["state"], n, dict)
-                     for n in _typed(data, "state", dict, {})}
-            batches = [Batch.from_dict(b) for b in _typed(data, "batches", list)]
-            listed = {f.path for f in files}
-            for batch in batches:
-                unlisted = [p for p in batch.paths if p not in listed]
-                if unlisted:
-                    raise ValueError(f"batch {batch.number} names {unlisted[0]!r}, which its "
-                                     f"'files' do not list")
-            return cls(plan_id=_typed(data, "plan_id", str), repo_id=_typed(data, "repo_id", str),
-                       repo_type=_typed(data, "repo_type", str),
-                       revision=_typed(data, "revision", str), commit=_typed(data, "commit", str),
-                       available_space=_typed(data, "available_space", int),
-                       safety_margin=_typed(data, "safety_margin", float),
-                       capacity=_typed(data, "capacity", int), files=files,
-                       batches=batches,
-                       state=state, current=_typed(data, "current", int, None),
-                       created_at=_typed(data, "created_at", str, None),
-                       schema_version=_typed(data, "schema_version", int, SCHEMA_VERSION),
-                       json_keys=tuple(data),
-                       extra={k: v for k, v in data.items() if k not in _PLAN_ORDER})
-        except (KeyError, TypeError, ValueError, MetadataError) as exc:
-            raise MetadataError(f"metadata file {source} is not a valid batch plan ({exc})",
-                                hint=hint) from None
-
-    def to_json(self, *, with_state: bool = True) -> dict[str, Any]:
-        """The plan as JSON: its keys in the order read (new ones at the end), `kind` included."""
-        values: dict[str, Any] = {
-            "schema_version": self.schema_version, "kind": PLAN_KIND, "plan_id": self.plan_id,
-            "repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
-            "commit": self.commit, "available_space": self.available_space,
-            "safety_margin": self.safety_margin, "capacity": self.capacity,
-            "created_at": self.created_at,
-            "files": [{"path": f.path, "size": f.size, "blob_id": f.blob_id, "sha256": f.sha256}
-                      for f in self.files],
-            "batches": [b.to_dict() for b in self.batches],
-            "state": {str(n): entry for n, entry in self.state.items()},
-            "current": self.current, **self.extra}
-        keys = list(self.json_keys) or [k for k in _PLAN_ORDER if k != "current"]
-        if "state" not in keys:
-            keys.append("state")
-        if self.current is not None and "current" not in keys:
-            keys.append("current")
-        return {k: values[k] for k in keys if with_state or k != "state"}
-
-    def listing(self) -> Listing:
-        """The plan's pinned listing, as dataset_manager.Listing."""
-        from dataset_manager import Listing
-        return Listing(self.repo_id, self.repo_type, self.revision, self.commit, list(self.files))
-
-    def batch(self, number: int) -> Batch:
-        if not 1 <= number <= len(self.batches):
-            raise UsageError(f"no batch {number}: the plan has batches 1 to {len(self.batches)}")
-        return self.batches[number - 1]
-
-    def target_of(self, number: int) -> str | None:
-        """The folder batch `number` was last downloaded into, if any."""
-        target = self.state.get(number, {}).get("target")
-        return target if isinstance(target, str) else None
-
-
-_MISSING = object()
-
-
-def _typed(data: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
-    """data[key], which must be of `kind` (float accepts an int; None only as the default)."""
-    if not isinstance(data, dict):
-        raise TypeError(f"expected an object, got {data!r}")
-    if key not in data:
-        if default is _MISSING:
-            raise KeyError(key)
-        return default
-    value = data[key]
-    if value is None and default is None:
-        return None
-    wanted: tuple[type, ...] = (int, float) if kind is float else (kind,)
-    if not isinstance(value, wanted) or isinstance(value, bool):
-        raise TypeError(f"{key!r} should be {kind.__name__}, not {value!r}")
-    return value
-
-
 def batch_identity(repo_id: str, repo_type: str, revision: str, include: Sequence[str],
                    exclude: Sequence[str], available: int, margin: float) -> dict[str, Any]:
     """What makes two plan-batch/batch-download calls 'the same plan' (the target may vary)."""
     return {"kind": "batch", "repo_id": repo_id, "repo_type": repo_type, "revision": revision,
             "include": list(include), "exclude": list(exclude), "available_space": available,
             "safety_margin": margin}
-
-
-def new_plan(listing: Listing, available: int, margin: float) -> Plan:
-    """A self-contained plan: the pinned listing and its batches."""
-    import uuid
-    from utils import now_iso
-    capacity = batch_capacity(available, margin)
-    return Plan(plan_id=uuid.uuid4().hex, repo_id=listing.repo_id, repo_type=listing.repo_type,
-                revision=listing.revision, commit=listing.commit, available_space=available,
-                safety_margin=margin, capacity=capacity, created_at=now_iso(),
-                files=list(listing.files),
-                batches=plan_batches(listing.files, capacity, margin=margin))
-
-
-_TASK_PLAN_HINT = "run plan-batch again (or restore it from its --output file)"
-
-
-def read_plan_file(path: str) -> Plan:
-    from utils import read_json
-    data = read_json(Path(path))
-    if data.get("kind") != PLAN_KIND or not isinstance(data.get("batches"), list):
-        raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output'")
-    return Plan.from_json(data, path, hint="write it again with 'plan-batch --output'")
-
-
-def write_plan_file(path: str, plan: Plan) -> None:
-    from utils import write_json_atomic
-    write_json_atomic(Path(path), plan.to_json(with_state=False), indent=None)
-
-
-def load_task_plan(store: TaskStore, task_id: str) -> Plan:
-    from utils import read_json
-    path = store.folder(task_id) / PLAN_FILE
-    if not path.exists():
-        raise UsageError(f"{task_id} is not a batch task",
-                         hint="batch commands take the task that plan-batch or batch-download made")
-    return Plan.from_json(read_json(path), path, hint=_TASK_PLAN_HINT)
-
-
-def save_task_plan(store: TaskStore, task_id: str, plan: Plan) -> None:
-    from utils import write_json_atomic
-    write_json_atomic(store.folder(task_id) / PLAN_FILE, plan.to_json(), indent=None)
 
 
 def open_batch_task(store: TaskStore, identity: dict[str, Any], plan: Plan,
@@ -236,7 +75,7 @@ def open_batch_task(store: TaskStore, identity: dict[str, Any], plan: Plan,
                          "local_dir": str(local_dir), "batch_count": len(plan.batches),
                          "files_total": len(listing.files), "bytes_total": listing.total_size})
     FileTracker.create(store.folder(task.id), task.id, listing, endpoint)
-    save_task_plan(store, task.id, plan)
+    save_task_plan(store, task.id, dataclasses.replace(plan, compact=True))
     return task
 
 
@@ -245,6 +84,43 @@ class PlanChoice:
     task: Task
     plan: Plan
     reused: bool                 # an existing task's plan (pinned at its commit), not a new one
+    replaced: tuple[str, ...] = ()   # unstarted plans of the same repo and folder, removed
+
+
+def is_unstarted(store: TaskStore, task: Task) -> bool:
+    """A batch task that has only been planned: no batch ever started."""
+    if task.kind != "batch" or task.status is not TaskState.PENDING:
+        return False
+    try:
+        plan = load_task_plan(store, task.id)
+    except HFDError:
+        return False
+    return not plan.state and plan.current is None
+
+
+def remove_unstarted(store: TaskStore, tasks: Sequence[Task]) -> list[str]:
+    """Remove these plans that nobody started meanwhile (each checked under its lock)."""
+    from utils import TaskLockedError
+    removed = []
+    for task in tasks:
+        try:
+            with store.lock(task.id):
+                now = store.all().get(task.id)
+                if now is None or not is_unstarted(store, now):
+                    continue
+                store.remove(task.id)
+        except TaskLockedError:
+            continue
+        removed.append(task.id)
+    return removed
+
+
+def unstarted_plans(store: TaskStore, repo_id: str | None = None, repo_type: str | None = None,
+                    local_dir: str | None = None) -> list[Task]:
+    """Unstarted batch plans (of one repo and folder, when given), oldest first."""
+    return [t for _, t in sorted(store.all().items())
+            if (repo_id is None or (t.repo_id, t.repo_type, t.local_dir) ==
+                (repo_id, repo_type, local_dir)) and is_unstarted(store, t)]
 
 
 def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
@@ -264,16 +140,95 @@ def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
         task = store.find(identity)
         if task is not None:
             return PlanChoice(task, load_task_plan(store, task.id), True)
+        trials = unstarted_plans(store, identity["repo_id"], identity["repo_type"],
+                                 str(local_dir))
         task = open_batch_task(store, identity, plan, local_dir, endpoint)
     dataset_manager.register(metadata_dir, listing)
-    return PlanChoice(task, plan, False)
+    # a trial plan of the same repo and folder (another --available-space, margin or filters)
+    # that nobody started is replaced, not piled up
+    return PlanChoice(task, plan, False, tuple(remove_unstarted(store, trials)))
 
 
-def resume_point(store: TaskStore, task_id: str) -> tuple[int, str | None]:
-    """`resume` of a batch task: the batch that was running, and the target it was going to."""
+def held_batches(target: Path, plan: Plan) -> list[int]:
+    """The batches of `plan` that the disk at `target` holds, from its marker."""
+    marker = read_marker(target) or {"batches": []}
+    return sorted({e["batch"] for e in marker["batches"]
+                   if e.get("plan_id") == plan.plan_id and isinstance(e.get("batch"), int)})
+
+
+def _held_text(target: Path, plan: Plan, numbers: list[int], task_id: str) -> str:
+    ids = {e.get("task_id") for e in (read_marker(target) or {"batches": []})["batches"]
+           if e.get("plan_id") == plan.plan_id} - {None}
+    owner = task_id if task_id in ids or not ids else sorted(map(str, ids))[0]
+    which = (f"batch {numbers[0]}" if len(numbers) == 1
+             else "batches " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}")
+    return f"{which} of {owner}"
+
+
+def unfinished(plan: Plan, tracker: FileTracker) -> list[int]:
+    """The batches of the plan that are not complete, in order."""
+    return [b.number for b in plan.batches
+            if batch_progress(b, tracker)["state"] != BatchState.COMPLETED]
+
+
+def unfinished_of(store: TaskStore, task_id: str, plan: Plan) -> list[int]:
+    from file_tracker import FileTracker
+    return unfinished(plan, FileTracker.load(store.folder(task_id), task_id))
+
+
+def continue_command(task_id: str, plan: Plan, number: int) -> str:
+    """The command that continues batch `number`: on the disk it started on, if it did."""
+    target = plan.target_of(number)
+    return f"python main.py batch-continue {task_id} {number}" + (
+        f" --local-dir {target}" if target else "")
+
+
+def next_step(task_id: str, plan: Plan, left: list[int], after: int) -> str | None:
+    """What to run next: the first unfinished batch after `after` (else the first of all)."""
+    if not left:
+        return None
+    number = next((n for n in left if n > after), left[0])
+    target = plan.target_of(number)
+    if target:
+        return f"mount the disk of batch {number}, then {continue_command(task_id, plan, number)}"
+    return f"swap the disk, then python main.py batch-continue {task_id} {number}"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    number: int | None               # the batch to continue, None when there is none
+    target: str | None
+    left: list[int]                  # the batches not complete
+    batch_count: int
+
+
+def resume_point(store: TaskStore, task_id: str) -> ResumePoint:
+    """`resume` of a batch task: the unfinished batch whose disk is mounted now (its marker says
+    so), preferring the batch started last. Refuses (HFDError) when no such disk is mounted,
+    naming the command that works."""
+    from file_tracker import FileTracker
     plan = load_task_plan(store, task_id)
-    number = plan.current or 1
-    return number, plan.target_of(number)
+    tracker = FileTracker.load(store.folder(task_id), task_id)
+    left = unfinished(plan, tracker)
+    count = len(plan.batches)
+    if not left:
+        return ResumePoint(None, None, [], count)
+    order = ([plan.current] if plan.current in left else []) + [n for n in left
+                                                                 if n != plan.current]
+    for number in order:
+        target = plan.target_of(number)
+        if target and number in held_batches(Path(target), plan):
+            return ResumePoint(number, target, left, count)
+    task = store.get(task_id)
+    here = Path(plan.target_of(plan.current or 0) or task.local_dir)
+    held = held_batches(here, plan)
+    holds = (f"holds {_held_text(here, plan, held, task_id)}, complete" if held
+             else "holds no batch of it")
+    current = plan.current or 0         # the batch started last first, if unfinished
+    raise HFDError(f"no disk of an unfinished batch of {task_id} is mounted (the disk at {here} "
+                   f"{holds}); unfinished: {', '.join(map(str, left))} of {count}",
+                   hint=next_step(task_id, plan, left, current - 1 if current in left
+                                  else current))
 
 
 def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
@@ -366,8 +321,12 @@ def marker_has(target: Path, plan: Plan, number: int) -> bool:
 
 def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
               endpoint: str, token: str | None, opts: Options, reserve: int,
-              log: logging.Logger, stream: TextIO, quiet: bool = False) -> BatchRun:
-    """Download batch N of a batch task onto whatever disk is at the target now."""
+              log: logging.Logger, stream: TextIO, quiet: bool = False,
+              force: bool = False) -> BatchRun:
+    """Download batch N of a batch task onto whatever disk is at the target now.
+
+    A disk whose marker holds other batches of the plan, not N, is refused (HFDError) unless
+    `force`: batch N would land beside another batch's files."""
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
@@ -376,10 +335,19 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         batch = plan.batch(number)
         tracker = FileTracker.load(store.folder(task.id), task.id)
         target = Path(target or task.local_dir)
-        warnings = [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
-                    f"files); finish it later with batch-continue {task.id} {b.number}"
-                    for b in plan.batches[:number - 1]
-                    for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
+        warnings = []
+        held = held_batches(target, plan)
+        if held and number not in held:
+            text = (f"{target}: this disk holds {_held_text(target, plan, held, task.id)}; "
+                    f"swap the disk or pass --local-dir")
+            if not force:
+                raise HFDError(text, hint=f"--force writes batch {number} beside it")
+            warnings.append(f"{text} (--force: batch {number} goes beside it)")
+        warnings += [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
+                     f"files); finish it later with "
+                     f"{continue_command(task.id, plan, b.number).removeprefix('python main.py ')}"
+                     for b in plan.batches[:number - 1]
+                     for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
         for w in warnings:
             log.warning(w)
 
@@ -394,15 +362,16 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
                                      opts=opts, reserve=reserve, log=log, stream=stream,
                                      quiet=quiet, todo=list(batch.paths), local_dir=target,
                                      before_start=mark_start)
-        _finish_batch(store, task, plan, batch, tracker, target, result)
+        left = _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker)
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,
-                    len(plan.batches))
+                    len(plan.batches), left, next_step(task.id, plan, left, number))
 
 
 def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
-                  tracker: FileTracker, target: Path, result: RunResult) -> None:
-    """Record the batch's outcome on the disk and in the plan; the task's state follows."""
+                  tracker: FileTracker, target: Path, result: RunResult) -> list[int]:
+    """Record the batch's outcome on the disk and in the plan; the task's state follows.
+    Returns the batches not complete."""
     from utils import now_iso
     progress = batch_progress(batch, tracker)
     entry = plan.state.setdefault(batch.number, {"target": str(target)})
@@ -410,16 +379,22 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
         entry["completed_at"] = now_iso()
         if read_marker(target) is not None or target.exists():
             write_marker(target, task, plan, batch.number, BatchState.COMPLETED)
+        if result.status is TaskState.FAILED:
+            # failed files of other batches (e.g. marked by verify on a shelved disk) are not
+            # this batch's: it is complete
+            result.status, result.reason = TaskState.COMPLETED, ""
     save_task_plan(store, task.id, plan)
+    left = unfinished(plan, tracker)
     if result.status is not TaskState.COMPLETED:
-        return                          # paused, cancelled or failed: run_task said why
-    batches = plan.batches
-    left = [b.number for b in batches
-            if batch_progress(b, tracker)["state"] != BatchState.COMPLETED]
+        return left                     # paused, cancelled or failed: run_task said why
     if left:
+        step = next_step(task.id, plan, left, batch.number) or ""
         store.update(task.id, status=TaskState.PAUSED,
-                     reason=f"batch {batch.number} of {len(batches)} done; next: batch-continue "
-                            f"{task.id} {left[0]}")
+                     reason=f"batch {batch.number} of {len(plan.batches)} done; next: "
+                            + step.split("then python main.py ")[-1])
+    elif store.get(task.id).status is not TaskState.COMPLETED:
+        store.update(task.id, status=TaskState.COMPLETED, reason="")
+    return left
 
 
 def batch_rows(store: TaskStore, task: Task) -> list[dict[str, Any]]:

@@ -328,10 +328,13 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     import downloader
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
-    if task.kind == "batch":          # continue the batch that was running
+    if task.kind == "batch":          # continue the unfinished batch whose disk is mounted
         import batch_manager as bm
-        number, target = bm.resume_point(store, task.id)
-        return _run_batch(cfg, store, task, number, target, args)
+        point = bm.resume_point(store, task.id)
+        if point.number is None:
+            say(args.quiet, f"{task.id}: all {point.batch_count} batches complete")
+            return ExitStatus.OK
+        return _run_batch(cfg, store, task, point.number, point.target, args)
 
     endpoint = endpoint_for(cfg, task.endpoint)
     opts = downloader.options_from_config(cfg, **_tool_flags(args))
@@ -391,8 +394,10 @@ def cmd_verify(args: Namespace, cfg) -> int:
                 f"{task.id} --fix' moves them aside (NAME.hfdl-modified-TIME), else resume "
                 f"replaces them")
         if bad:
+            again = (f"batch-continue {task.id} {args.batch} --local-dir {local_dir}"
+                     if paths is not None else f"resume {task.id}")
             out(f"{len(bad)} bad files were marked for download; "
-                f"'python main.py resume {task.id}' fetches them again")
+                f"'python main.py {again}' fetches them again")
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
 
 
@@ -401,6 +406,8 @@ def cmd_clean(args: Namespace, cfg) -> int:
     from task_manager import TaskStore, normalize_id
     store = TaskStore(cfg.metadata_dir)
     wanted = {normalize_id(t) for t in args.tasks}
+    if args.plans:
+        return _clean_plans(store, wanted)
     removed, running = clean_tasks(store, wanted, include_ended=args.all,
                                    delete_files=args.delete_files)
     for c in removed:
@@ -419,6 +426,25 @@ def cmd_clean(args: Namespace, cfg) -> int:
         out(f"nothing to clean (no {which} tasks" + (" among those named)" if wanted else ")"))
     elif not args.delete_files:
         out("downloaded files were kept (--delete-files removes them)")
+    return ExitStatus.OK
+
+
+def _clean_plans(store: TaskStore, wanted: set[str]) -> int:
+    """clean --plans: the batch plans that were made and never started."""
+    import batch_manager as bm
+    plans = [t for t in bm.unstarted_plans(store) if not wanted or t.id in wanted]
+    removed = bm.remove_unstarted(store, plans)
+    for t in plans:
+        if t.id in removed:
+            out(f"removed {t.id} (unstarted plan of {t.repo_type} {t.repo_id}, "
+                f"{format_size(t.available_space or 0)} disks)")
+        else:
+            out(f"skipped {t.id}: it started meanwhile")
+    for tid in sorted(wanted - {t.id for t in plans}):
+        out(f"kept {tid}: not an unstarted plan" if tid in store.all()
+            else f"no task {tid} in {store.root}")
+    if not removed:
+        out("nothing to clean (no unstarted plans" + (" among those named)" if wanted else ")"))
     return ExitStatus.OK
 
 
@@ -517,13 +543,15 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, Plan
     if choice.reused:
         say(args.quiet, f"reusing the plan of {choice.task.id} "
                         f"(pinned at {str(choice.task.commit)[:12]})")
+    for tid in choice.replaced:
+        say(args.quiet, f"{choice.task.id} replaces the unstarted plan {tid}")
     return store, choice
 
 
 def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
     import batch_planner as bp
-    _, choice = _plan_or_reuse(args, cfg)
+    store, choice = _plan_or_reuse(args, cfg)
     task, plan = choice.task, choice.plan
     batches = plan.batches
     if args.output:
@@ -535,9 +563,15 @@ def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     out(bp.format_plan(batches, plan.capacity))
     out(f"plan saved as {task.id} ({plan.repo_type} {plan.repo_id} pinned at commit "
         f"{plan.commit[:12]})" + (f"; also written to {args.output}" if args.output else ""))
-    out(f"next: python main.py batch-download {plan.repo_id}"
-        + (" --dataset" if plan.repo_type == "dataset" else "")
-        + f" --available-space {args.available_space}   (or batch-continue {task.id} 1)")
+    left = bm.unfinished_of(store, task.id, plan) if choice.reused else [1]
+    if not left:
+        out(f"{task.id}: all {len(batches)} batches complete")
+    elif left[0] == 1 and plan.target_of(1) is None:
+        out(f"next: python main.py batch-download {plan.repo_id}"
+            + (" --dataset" if plan.repo_type == "dataset" else "")
+            + f" --available-space {args.available_space}   (or batch-continue {task.id} 1)")
+    else:
+        out(f"next: {bm.next_step(task.id, plan, left, 0)}")
     return ExitStatus.OK
 
 
@@ -571,11 +605,13 @@ def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, lo
     run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=token_for(cfg),
                        opts=downloader.options_from_config(cfg, **_tool_flags(args)),
                        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
-                       quiet=args.quiet)
+                       quiet=args.quiet, force=getattr(args, "force", False))
     render.batch_run(task.id, number, run, args.json)
-    if run.result.status is TaskState.COMPLETED and number < run.batch_count:
-        say(args.quiet, f"next: swap the disk, then python main.py batch-continue {task.id} "
-                        f"{number + 1}")
+    if run.result.status is TaskState.COMPLETED:
+        if run.next_step:
+            say(args.quiet, f"next: {run.next_step}")
+        else:
+            say(args.quiet, f"{task.id}: all {run.batch_count} batches complete")
     return report_exit(task.id, run.result)
 
 

@@ -248,6 +248,11 @@ class FileTracker:
                           old_versions)
 
 
+def read_file_list(folder: Path) -> list[RemoteFile]:
+    """The files of a task's file_list.json, in their order (a batch plan indexes into it)."""
+    return _read_list(folder)[0]
+
+
 def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
     """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
     path = folder / FILE_LIST

@@ -272,6 +272,8 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true", help="also cancelled and failed tasks")
     p.add_argument("--delete-files", action="store_true",
                    help="also delete the downloaded files of the removed tasks")
+    p.add_argument("--plans", action="store_true",
+                   help="instead: remove the batch plans that were made and never started")
 
     p = add("fix-progress", "rebuild per-file status and counters from the files on disk")
     p.add_argument("tasks", nargs="*", metavar="TASK", help="only these tasks (default: all)")
@@ -310,12 +312,17 @@ def build_parser() -> Parser:
     _repo_args(p)
     batch_plan_args(p)
     _tool_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="write the batch even onto a disk whose marker holds another batch")
     _json_arg(p)
 
     p = add("batch-continue", "download batch N onto the disk now at the target")
     p.add_argument("task", help="batch task id, or a plan file written by plan-batch --output")
     p.add_argument("batch", type=_positive_int, help="batch number")
     p.add_argument("--local-dir", type=_folder, help="target folder (default: the task's)")
+    p.add_argument("--force", action="store_true",
+                   help="write batch N even onto a disk whose marker holds another batch "
+                        "(a warning instead of a refusal)")
     p.add_argument("--endpoint", help="Hub or mirror URL (default: the task's, or HF_ENDPOINT)")
     _tool_args(p)
     _json_arg(p)

@@ -134,6 +134,7 @@ class EndpointCheck:
     status: int | None
     proxy: str | None    # password masked
     error: str | None
+    hub: bool | None = None    # the answer was JSON, as a Hub API's (None: not asked)
 
 
 # Greedy up to the last '@' before any '/': a password may itself contain '@'.
@@ -178,22 +179,48 @@ def _request_reason(exc: requests.RequestException, timeout: float) -> str:
     return prefix + type(exc).__name__
 
 
-def check_endpoint(url: str, timeout: float = 5.0) -> EndpointCheck:
-    """Time a small API call; any HTTP answer (even 401/404) means the endpoint is reachable."""
+def check_endpoint(url: str, timeout: float = 5.0, *, hub_answer: bool = False) -> EndpointCheck:
+    """Time a small API call; any HTTP answer (even 401/404) means the endpoint is reachable.
+
+    With `hub_answer`, the answer must also be a Hub API's: a JSON body (`GET /api/models?limit=1`
+    gives a list on the Hub, an error object on a mirror that wants a token); a web server
+    answering HTML is "not a Hugging Face Hub endpoint"."""
     probe = url.rstrip("/") + "/api/models?limit=1"
     proxy = _proxy_for(probe)
     start = time.monotonic()
+    body = b""
     try:
         # stream=True: the time to the status line is what we measure, not the body download.
         with requests.get(probe, timeout=timeout, allow_redirects=False, stream=True) as resp:
             seconds, status = time.monotonic() - start, resp.status_code
+            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip() or "no type"
+            if hub_answer and not (proxy and status in (502, 504)):
+                body = resp.raw.read(_HUB_ANSWER_MAX, decode_content=True) or b""
     except requests.RequestException as exc:
         return EndpointCheck(url, False, None, None, proxy, _request_reason(exc, timeout))
     if proxy and status in (502, 504):
         # The proxy answered for a host it could not reach: that is not the endpoint answering.
         return EndpointCheck(url, False, seconds, status, proxy,
                              f"the proxy could not reach it (HTTP {status})")
+    if hub_answer:
+        if not _is_json(body):
+            return EndpointCheck(url, False, seconds, status, proxy,
+                                 f"not a Hugging Face Hub endpoint (HTTP {status}, {ctype}, "
+                                 f"no JSON answer from /api/models)", hub=False)
+        return EndpointCheck(url, True, seconds, status, proxy, None, hub=True)
     return EndpointCheck(url, True, seconds, status, proxy, None)
+
+
+_HUB_ANSWER_MAX = 256 * 1024       # /api/models?limit=1 is a few KiB
+
+
+def _is_json(body: bytes) -> bool:
+    """A JSON object or list (what the Hub API answers, errors included)."""
+    import json
+    try:
+        return isinstance(json.loads(body.decode("utf-8")), (dict, list))
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -288,12 +315,15 @@ class SystemReport:
 def _disk_check(path: str | os.PathLike[str], size: int, reserve: int,
                 warn_percent: float) -> Check:
     u = disk_usage(path)
-    data = {**asdict(u), "size": size, "reserve": reserve}
+    data = {**asdict(u), "size": size, "reserve": reserve, "fits": u.free - size >= reserve}
     if u.free - size < reserve:
-        return Check("disk", Status.FAIL, f"{format_size(size)} needed, {format_size(u.free)} "
-                     f"free ({format_size(reserve)} kept in reserve) on {u.mount_point}", data)
+        return Check("disk", Status.FAIL, f"{format_size(size)} needed: does not fit: "
+                     f"{format_size(u.free)} free ({format_size(reserve)} kept in reserve) on "
+                     f"{u.mount_point}", data)
     text = (f"{format_size(u.free)} free of {format_size(u.total)} "
             f"({u.percent_used:.0f}% used) on {u.mount_point}")
+    if size:
+        text = f"{format_size(size)} needed: fits, {text}"
     # The unrounded share: 89.96% shows as 90.0 but is not yet at a 90% threshold.
     if u.used + u.free and 100.0 * u.used / (u.used + u.free) >= warn_percent:
         return Check("disk", Status.WARN, f"{text}: nearly full", data)
@@ -309,8 +339,10 @@ def _write_check(path: str | os.PathLike[str]) -> Check:
 
 
 def _endpoint_check(endpoint: str, timeout: float) -> Check:
-    c = check_endpoint(endpoint, timeout)
+    c = check_endpoint(endpoint, timeout, hub_answer=True)
     via = f"via proxy {c.proxy}" if c.proxy else "direct"
+    if c.hub is False:
+        return Check("endpoint", Status.FAIL, f"{endpoint}: {c.error} ({via})", asdict(c))
     if not c.ok:
         return Check("endpoint", Status.FAIL, f"{endpoint} unreachable: {c.error} ({via})",
                      asdict(c))

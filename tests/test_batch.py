@@ -193,8 +193,10 @@ def test_interrupted_batch_resumes(cli, hub, tmp_path):
         assert rows[0]["state"] in ("downloading", "pending")
         r = cli("resume", "task_001")
         assert r.code == 0, r.text
-        plan = json.loads((cli.metadata / "tasks" / "task_001" / "batch_plan.json").read_text())
-        check_disk(mount, files, plan["batches"][0]["paths"])
+        import batch_manager
+        from task_manager import TaskStore
+        plan = batch_manager.load_task_plan(TaskStore(cli.metadata), "task_001")
+        check_disk(mount, files, list(plan.batches[0].paths))
 
 
 def test_plan_file_on_another_machine(cli, hub, tmp_path):

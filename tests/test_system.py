@@ -223,7 +223,7 @@ def test_check_system_size_against_reserve(cli, hub, mount):
     assert r.code == 0 and checks["disk"]["status"] == "ok", r.out
     r = cli("check-system", "--path", str(disk), "--size", str(15 * MiB + 1))
     assert r.code == 1, r.text
-    assert re.search(r"^disk\s+FAIL\s+15\.00 MiB needed, 16\.00 MiB free \(1\.00 MiB kept in "
+    assert re.search(r"^disk\s+FAIL\s+15\.00 MiB needed: does not fit: 16\.00 MiB free \(1\.00 MiB kept in "
                      r"reserve\)", r.out, re.MULTILINE), r.out
     assert "Traceback" not in r.text
     # the reserve: flag, environment, default 1G

@@ -370,3 +370,58 @@ def test_check_system_warns_when_nearly_full(tmp_path: Path) -> None:
     assert [c.name for c in report.checks] == ["disk", "write", "resources"]
     assert report.checks[0].status == "warn" and report.checks[0].data["percent_used"] == 75.0
     assert report.ok and report.worst == "warn"
+
+
+# ---------------------------------------------------------------- issue 12 point 12
+
+def _html_handler() -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:              # any web server: 200 and a page, whatever the path
+            body = b"<!doctype html><html><body>It works!</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+    return Handler
+
+
+def test_check_system_says_whether_the_size_fits(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:
+        fits = sm.check_system(mnt, size=4 * MiB, reserve=MiB).checks[0]
+        assert fits.status == "ok" and fits.data["fits"] is True
+        assert fits.message.startswith("4.00 MiB needed: fits, 16.00 MiB free of 16.00 MiB"), \
+            fits.message
+        no = sm.check_system(mnt, size=16 * MiB, reserve=MiB).checks[0]
+        assert no.status == "fail" and no.data["fits"] is False
+        assert no.message.startswith("16.00 MiB needed: does not fit: 16.00 MiB free "
+                                     "(1.00 MiB kept in reserve)"), no.message
+        plain = sm.check_system(mnt, reserve=MiB).checks[0]       # no --size: no verdict
+        assert plain.message.startswith("16.00 MiB free of 16.00 MiB"), plain.message
+
+
+def test_endpoint_check_wants_a_hub_answer_not_any_web_server(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _html_handler())
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert sm.check_endpoint(url).ok                          # reachable, yes
+        c = sm.check_endpoint(url, hub_answer=True)
+        assert not c.ok and c.hub is False and c.status == 200
+        assert "not a Hugging Face Hub endpoint" in (c.error or "")
+        report = sm.check_system(tmp_path, reserve=0, endpoint=url, timeout=2)
+        endpoint = {c.name: c for c in report.checks}["endpoint"]
+        assert endpoint.status == "fail" and not report.ok
+        assert endpoint.message.startswith(f"{url}: not a Hugging Face Hub endpoint (HTTP 200, "
+                                           f"text/html"), endpoint.message
+    finally:
+        server.shutdown()
+        server.server_close()
+    with http_server() as hub_like:                               # /api/models answers JSON
+        c = sm.check_endpoint(hub_like, hub_answer=True)
+        assert c.ok and c.hub is True
+    with http_server(status=401) as private:                      # a JSON refusal is a Hub too
+        assert sm.check_endpoint(private, hub_answer=True).ok
