@@ -127,9 +127,11 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
     store.clear_cancel(task.id)
-    if work.todo:
-        system_monitor.preflight(local_dir, reserve=reserve,
-                                 needed=bytes_still_needed(tracker, local_dir, work.todo))
+    # The reserve guards bytes still to write: a run with none (a complete task on a nearly full
+    # disk) is neither refused nor stopped by the guard.
+    needed = bytes_still_needed(tracker, local_dir, work.todo)
+    if needed:
+        system_monitor.preflight(local_dir, reserve=reserve, needed=needed)
     if before_start:
         before_start()
     stopper = Stopper()
@@ -143,9 +145,10 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
         stopper.stop(StopReason.DISK_FULL, f"{format_size(usage.free)} free, "
                                   f"{format_size(reserve)} kept in reserve")
 
-    result = RunResult(status=TaskState.COMPLETED, tool=tool)
-    with stop_signals(stopper), system_monitor.DiskGuard(local_dir, reserve, interval=2.0,
-                                                         on_low=on_low):
+    result = RunResult(status=TaskState.COMPLETED, tool=tool, already_complete=not work.todo)
+    guard = (system_monitor.DiskGuard(local_dir, reserve, interval=2.0, on_low=on_low) if needed
+             else contextlib.nullcontext())
+    with stop_signals(stopper), guard:
         if work.todo:
             result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,

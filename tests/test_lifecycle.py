@@ -1,0 +1,102 @@
+"""A task's life across runs (issue 12, points 3, 4 and 7): a complete task stays complete on
+a nearly full disk, --prune deletes what the task downloaded and upstream removed (whenever it
+is given), and the options given at download time are remembered by the task."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fakehub import Content
+from tests.helpers import assert_same_tree, tmpfs, tree_files
+
+MiB = 2**20
+FILLER = r"""
+import os, sys
+path, leave = sys.argv[1], int(sys.argv[2])
+folder = os.path.dirname(path)
+with open(path, "ab", buffering=0) as f:
+    while True:
+        st = os.statvfs(folder)
+        room = st.f_bavail * st.f_frsize - leave
+        if room <= 0:
+            break
+        f.write(b"\xa5" * max(4096, min(256 << 10, room)))
+"""
+
+
+def free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(path: Path, leave_free: int) -> None:
+    """Another program eats the disk until about `leave_free` bytes are free."""
+    res = subprocess.run([sys.executable, "-c", FILLER, str(path), str(leave_free)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def task_record(cli, task_id: str = "task_001") -> dict:
+    return json.loads((cli.metadata / "tasks.json").read_text())["tasks"][task_id]
+
+
+# ================================================================ 3: complete on a full disk
+
+def test_complete_task_on_a_nearly_full_disk_stays_complete(cli, hub, tmp_path):
+    files = {"a.bin": Content(600_000, 1), "b.txt": b"bee"}
+    hub.add_repo("full", files)
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "4m"):
+        target = disk / "full"
+        r = cli("download", "full", "--local-dir", str(target), "--tool", "python")
+        assert r.code == 0, r.text
+        fill(disk / "other-program.bin", 256 << 10)       # below the 1M reserve now
+        assert free_bytes(disk) < MiB
+        for argv in (("download", "full", "--local-dir", str(target)),
+                     ("resume", "task_001")):
+            r = cli(*argv)
+            assert r.code == 0, (argv, r.text)
+            assert "already complete" in r.out, r.text
+            assert "disk_full" not in r.text and "not enough space" not in r.text
+            assert task_record(cli)["status"] == "completed"
+        r = cli("download", "full", "--local-dir", str(target), "--json")
+        assert r.code == 0 and json.loads(r.out)["already_complete"] is True
+        # the task record forgotten: a new task adopts the files, nothing to write, no refusal
+        assert cli("clean").code == 0
+        r = cli("download", "full", "--local-dir", str(target))
+        assert r.code == 0, r.text
+        assert task_record(cli, "task_002")["status"] == "completed"
+        assert hub.file_downloads("a.bin") == 1
+        assert_same_tree(target, files)
+        # with a file to fetch the reserve still holds: refused before writing
+        (target / "b.txt").unlink()
+        (target / "a.bin").unlink()
+        r = cli("download", "full", "--local-dir", str(target))
+        assert r.code == 4 and "not enough space" in r.err, r.text
+
+
+def test_complete_batch_on_a_nearly_full_disk(cli, hub, tmp_path):
+    files = {f"data/part-{i}.bin": Content(400_000, i) for i in range(4)}
+    hub.add_repo("org/set", files, repo_type="dataset")
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "4m"):
+        r = cli("batch-download", "org/set", "--dataset", "--available-space", "1M",
+                "--local-dir", str(disk), "--tool", "python")
+        assert r.code == 0, r.text
+        fill(disk / "other-program.bin", 256 << 10)
+        r = cli("batch-continue", "task_001", "1")
+        assert r.code == 0, r.text
+        assert "already complete" in r.out and "disk_full" not in r.text
+        rows = json.loads(cli("batch-status", "task_001", "--json").out)["batches"]
+        assert rows[0]["state"] == "completed"
+
+
+def test_preflight_with_nothing_to_write_passes(tmp_path):
+    import system_monitor
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        fill(disk / "filler.bin", 128 << 10)
+        usage = system_monitor.preflight(disk, needed=0, reserve=MiB)
+        assert usage.free < MiB
