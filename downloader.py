@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
-from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
+from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt_finished,
+                          forget_missing, prune_removed)
 from task_manager import StopReason, Task, TaskState, TaskStore
 from tools import choose_tool
 from utils import Partial, format_size, safe_join
@@ -215,6 +216,8 @@ class DownloadOutcome:
     sync: SyncReport | None = None        # when the commit moved
     pruned: list[str] = field(default_factory=list)
     resumed: bool = False
+    kept: dict[str, str] = field(default_factory=dict)    # --prune did not delete: path -> why
+    prunable: list[str] = field(default_factory=list)     # removed upstream, still here
 
 
 def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
@@ -251,16 +254,6 @@ def drop_old_partials(local_dir: Path, old_versions: dict[str, str]) -> None:
         except ValueError:
             continue
         partial.discard()
-
-
-def prune_removed(local_dir: Path, removed: list[str]) -> list[str]:
-    """Delete local files that the new commit removed (only with --prune)."""
-    gone = []
-    for path in removed:
-        with contextlib.suppress(ValueError, FileNotFoundError):
-            safe_join(local_dir, path).unlink()
-            gone.append(path)
-    return gone
 
 
 def _needed_for_new(local_dir: Path, listing) -> int:
@@ -301,10 +294,17 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:
             drop_old_partials(req.local_dir, sync.old_versions)
-        pruned = prune_removed(req.local_dir, sync.removed) if sync and req.prune else []
+        pruned = PruneReport([], {})
+        if req.prune:
+            pruned = prune_removed(tracker, req.local_dir)
+            tracker.write_list(endpoint)
+            for path in pruned.deleted:
+                log.info("%s: pruned %s (removed upstream)", task.id, path)
+        prunable = [f.path for f in tracker.removed()]
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)
-    return DownloadOutcome(store.get(lock_id), result, sync, pruned, existing is not None)
+    return DownloadOutcome(store.get(lock_id), result, sync, pruned.deleted, existing is not None,
+                           pruned.kept, prunable)
 
 
 # ================================================================ resume and options

@@ -211,7 +211,8 @@ def build_parser() -> Parser:
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
-                   help="delete local files that the new commit removed")
+                   help="delete the files this task downloaded that the current commit "
+                        "no longer lists (unchanged ones only)")
     _json_arg(p)
 
     p = add("add-dataset", "register a repo (checks that it exists) without downloading")

@@ -100,3 +100,52 @@ def test_preflight_with_nothing_to_write_passes(tmp_path):
         fill(disk / "filler.bin", 128 << 10)
         usage = system_monitor.preflight(disk, needed=0, reserve=MiB)
         assert usage.free < MiB
+
+
+# ================================================================ 4: --prune, whenever given
+
+def file_list(cli, task_id: str = "task_001") -> dict:
+    return json.loads((cli.metadata / "tasks" / task_id / "file_list.json").read_text())
+
+
+def test_prune_later_deletes_what_the_hint_promised(cli, hub):
+    hub.add_repo("p", {"a.txt": b"a", "sub/b.bin": Content(200_000, 1), "c.txt": b"c"})
+    assert cli("download", "p").code == 0
+    folder = cli.downloads / "p"
+    hub.add_commit("p", delete=["sub/b.bin", "c.txt"])
+    r = cli("download", "p")
+    assert r.code == 0, r.text
+    assert ("removed upstream: sub/b.bin (kept; the same download with --prune deletes it, "
+            "now or on any later run)") in r.err
+    assert (folder / "sub" / "b.bin").exists()
+    assert sorted(e["filename"] for e in file_list(cli)["removed"]) == ["c.txt", "sub/b.bin"]
+    r = cli("download", "p")                        # a later run still says so
+    assert r.code == 0 and "2 files removed upstream are still in the folder" in r.err, r.text
+    (folder / "c.txt").write_bytes(b"C")            # the user's own bytes now: never deleted
+    r = cli("download", "p", "--prune")             # no new commit: the hint holds anyway
+    assert r.code == 0, r.text
+    assert "pruned: sub/b.bin" in r.err
+    assert "kept: c.txt (changed since this task downloaded it" in r.err
+    assert sorted(tree_files(folder)) == ["a.txt", "c.txt"]       # the emptied sub/ is gone too
+    assert "removed" not in file_list(cli)
+    r = cli("download", "p", "--prune")
+    assert r.code == 0 and "pruned" not in r.err and "kept" not in r.err, r.text
+    assert (folder / "c.txt").read_bytes() == b"C"
+
+
+def test_prune_spares_files_listed_again_and_never_downloaded(cli, hub):
+    hub.add_repo("q", {"a.txt": b"a", "b.txt": b"b"})
+    assert cli("download", "q").code == 0
+    folder = cli.downloads / "q"
+    hub.add_commit("q", delete=["b.txt"], files={"new.txt": b"n"})
+    hub.add_fault("status", "new.txt", count=None, status=404)
+    r = cli("download", "q", "--retries", "0")
+    assert "removed upstream: b.txt (kept;" in r.err, r.text
+    hub.clear_faults()
+    hub.add_commit("q", files={"b.txt": b"b"}, delete=["new.txt"])   # b.txt is back
+    r = cli("download", "q", "--prune")
+    assert r.code == 0, r.text
+    assert "removed upstream: new.txt (not downloaded; nothing to delete)" in r.err
+    assert "b.txt" not in r.err
+    assert sorted(tree_files(folder)) == ["a.txt", "b.txt"]
+    assert hub.file_downloads("b.txt") == 1
