@@ -366,8 +366,10 @@ def marker_has(target: Path, plan: Plan, number: int) -> bool:
 
 def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
               endpoint: str, token: str | None, opts: Options, reserve: int,
-              log: logging.Logger, stream: TextIO, quiet: bool = False) -> BatchRun:
-    """Download batch N of a batch task onto whatever disk is at the target now."""
+              log: logging.Logger, stream: TextIO, quiet: bool = False,
+              remember: tuple[str, dict[str, Any]] | None = None) -> BatchRun:
+    """Download batch N of a batch task onto whatever disk is at the target now.
+    `remember`: (command, flags given), kept by the task for later runs (run_task)."""
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
@@ -393,7 +395,7 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=token,
                                      opts=opts, reserve=reserve, log=log, stream=stream,
                                      quiet=quiet, todo=list(batch.paths), local_dir=target,
-                                     before_start=mark_start)
+                                     before_start=mark_start, remember=remember)
         _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker)
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,

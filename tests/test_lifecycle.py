@@ -149,3 +149,87 @@ def test_prune_spares_files_listed_again_and_never_downloaded(cli, hub):
     assert "b.txt" not in r.err
     assert sorted(tree_files(folder)) == ["a.txt", "b.txt"]
     assert hub.file_downloads("b.txt") == 1
+
+
+# ================================================================ 7: the task's options
+
+def tries_of(hub, path: str) -> int:
+    return len([r for r in hub.records("GET") if r.file == path])
+
+
+def test_resume_uses_the_options_given_to_download(cli, hub):
+    hub.add_repo("opts", {"a.txt": b"a", "bad.txt": b"bad"})
+    hub.add_fault("status", "bad.txt", count=None, status=503)
+    r = cli("download", "opts", "--tool", "python", "-x", "3", "-j", "2", "--retries", "1",
+            "--stall-timeout", "30", "--reserve", "2M")
+    assert r.code == 3, r.text
+    assert tries_of(hub, "bad.txt") == 2                       # --retries 1: two tries
+    assert task_record(cli)["options"] == {
+        "command": "download", "flags": {"tool": "python", "connections": 3, "jobs": 2,
+                                         "retries": 1, "stall_timeout": 30.0,
+                                         "reserve": 2 * MiB}}
+    hub.reset_log()
+    r = cli("resume", "task_001")
+    assert r.code == 3, r.text
+    assert ("using the task's options: --tool python -x 3 -j 2 --retries 1 --stall-timeout 30 "
+            "--reserve 2M (from download)") in r.err
+    assert "tool: python, -x 3 -j 2" in r.err
+    assert tries_of(hub, "bad.txt") == 2
+    hub.reset_log()
+    r = cli("resume", "task_001", "--retries", "0", "--tool", "auto")   # overridden for this run
+    assert r.code == 3, r.text
+    assert ("using the task's options: -x 3 -j 2 --stall-timeout 30 --reserve 2M "
+            "(from download)") in r.err
+    assert tries_of(hub, "bad.txt") == 1
+    assert task_record(cli)["options"]["flags"]["retries"] == 1     # resume does not change them
+    hub.clear_faults()
+    hub.reset_log()
+    r = cli("download", "opts", "-j", "4")     # a re-run download: uses them, keeps the new -j
+    assert r.code == 0, r.text
+    assert "using the task's options: --tool python -x 3 --retries 1" in r.err
+    assert "tool: python, -x 3 -j 4" in r.err
+    assert task_record(cli)["options"]["flags"]["jobs"] == 4
+
+
+def test_remembered_reserve_applies_until_overridden(cli, hub, tmp_path):
+    hub.add_repo("res", {"small.bin": Content(300_000, 1)})
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "4m"):
+        target = disk / "res"
+        r = cli("download", "res", "--local-dir", str(target), "--reserve", "3M")
+        assert r.code == 0, r.text
+        hub.add_commit("res", files={"big.bin": Content(1_500_000, 2)})
+        r = cli("download", "res", "--local-dir", str(target))     # the env says 1M
+        assert r.code == 4 and "3.00 MiB kept in reserve" in r.err, r.text
+        r = cli("resume", "task_001", "--reserve", "1M")
+        assert r.code == 0, r.text
+        assert task_record(cli)["status"] == "completed"
+
+
+def test_old_records_without_options_and_bad_ones(cli, hub):
+    hub.add_repo("old", {"a.txt": b"a"})
+    assert cli("download", "old").code == 0
+    index = cli.metadata / "tasks.json"
+    data = json.loads(index.read_text())
+    assert "options" not in data["tasks"]["task_001"]          # nothing given: nothing kept
+    r = cli("resume", "task_001")
+    assert r.code == 0 and "using the task's options" not in r.err, r.text
+    assert "options" not in json.loads(index.read_text())["tasks"]["task_001"]
+    data["tasks"]["task_001"]["options"] = {"command": "download", "flags": {"jobs": 0}}
+    index.write_text(json.dumps(data))
+    r = cli("resume", "task_001")
+    assert r.code != 0 and "tasks.json" in r.err and "'jobs'" in r.err, r.text
+    r = cli("resume", "task_001", "-j", "2")
+    assert r.code == 0, r.text
+
+
+def test_batch_continue_uses_the_options_of_batch_download(cli, hub, tmp_path):
+    files = {f"data/part-{i}.bin": Content(400_000, i) for i in range(4)}
+    hub.add_repo("org/set", files, repo_type="dataset")
+    target = tmp_path / "disk"
+    r = cli("batch-download", "org/set", "--dataset", "--available-space", "1M",
+            "--local-dir", str(target), "--tool", "python", "-j", "1")
+    assert r.code == 0, r.text
+    r = cli("batch-continue", "task_001", "2")
+    assert r.code == 0, r.text
+    assert "using the task's options: --tool python -j 1 (from batch-download)" in r.err
