@@ -175,7 +175,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        stream=sys.stderr, quiet=args.quiet,
                                        remember=("download", _tool_flags(args)))
     dm.register(cfg.metadata_dir, listing)
-    _report_sync(args.quiet, listing.commit, outcome)
+    render.sync_report(args.quiet, listing.commit, outcome)
     if args.quiet and not args.json:      # DIR=$(python main.py download REPO -q)
         render.quiet_result(outcome.task.id, outcome.result, local_dir)
         return report_exit(outcome.task.id, outcome.result)
@@ -257,34 +257,6 @@ def tool_line(tool: str, opts: Any, endpoint: str) -> str:
     connections = "" if tool == "wget" else f"-x {opts.connections} "
     return (f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
             f", {connections}-j {opts.jobs}, endpoint {endpoint}")
-
-
-_PRUNE_HINT = "the same download with --prune deletes {}, now or on any later run"
-
-
-def _report_sync(quiet: bool, commit: str, outcome: Any) -> None:
-    """The new commit, if any, and what became of the files removed upstream: deleted by
-    --prune, kept (a file changed since, or no --prune yet), or never downloaded."""
-    sync, pruned, kept, prunable = outcome.sync, outcome.pruned, outcome.kept, outcome.prunable
-    removed = sync.removed if sync else []
-    if sync is not None:
-        say(quiet, f"new commit {commit[:12]}: {len(sync.added)} new, {len(sync.changed)} "
-                   f"changed, {len(removed)} removed upstream, {sync.unchanged} unchanged")
-    for path in removed:
-        what = ("deleted" if path in pruned else f"kept: {kept[path]}" if path in kept else
-                "kept; " + _PRUNE_HINT.format("it") if path in prunable else
-                "not downloaded; nothing to delete")
-        say(quiet, f"  removed upstream: {path} ({what})")
-    for path in pruned:
-        if path not in removed:
-            say(quiet, f"  pruned: {path} (removed upstream at an earlier commit)")
-    for path, why in kept.items():
-        if path not in removed:
-            say(quiet, f"  kept: {path} ({why})")
-    left = [p for p in prunable if p not in removed]
-    if left:
-        say(quiet, f"note: {len(left)} files removed upstream are still in the folder "
-                   f"(e.g. {left[0]}); " + _PRUNE_HINT.format("them"))
 
 
 def cmd_add_dataset(args: Namespace, cfg: config.Config) -> int:
