@@ -322,11 +322,13 @@ def marker_has(target: Path, plan: Plan, number: int) -> bool:
 def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
               endpoint: str, token: str | None, opts: Options, reserve: int,
               log: logging.Logger, stream: TextIO, quiet: bool = False,
-              force: bool = False) -> BatchRun:
+              force: bool = False,
+              remember: tuple[str, dict[str, Any]] | None = None) -> BatchRun:
     """Download batch N of a batch task onto whatever disk is at the target now.
 
     A disk whose marker holds other batches of the plan, not N, is refused (HFDError) unless
-    `force`: batch N would land beside another batch's files."""
+    `force`: batch N would land beside another batch's files. `remember`: (command, flags
+    given), kept by the task for later runs (run_task)."""
     import downloader
     from file_tracker import FileTracker
     from utils import now_iso
@@ -361,7 +363,7 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         result = downloader.run_task(store, task, tracker, endpoint=endpoint, token=token,
                                      opts=opts, reserve=reserve, log=log, stream=stream,
                                      quiet=quiet, todo=list(batch.paths), local_dir=target,
-                                     before_start=mark_start)
+                                     before_start=mark_start, remember=remember)
         left = _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker)
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,

@@ -62,9 +62,19 @@ def _repo_choice(args: Namespace, cfg: config.Config | None = None) -> RepoChoic
 
 
 def _tool_flags(args: Namespace) -> dict[str, Any]:
-    """The values that `_tool_args` added, for downloader.options_from_config."""
-    return {"connections": args.connections, "jobs": args.jobs, "retries": args.retries,
-            "stall_timeout": args.stall_timeout}
+    """The flags of `_tool_args` (None: not given), for downloader.run_settings."""
+    import downloader
+    return {k: getattr(args, k, None) for k in downloader.RUN_FLAGS}
+
+
+def _run_settings(args: Namespace, cfg: config.Config, task: Task | None) -> Any:
+    """The flags given now over those the task remembers; says which remembered ones it uses."""
+    import downloader
+    run = downloader.run_settings(cfg, _tool_flags(args), task)
+    if run.remembered:
+        say(args.quiet, f"using the task's options: {downloader.flag_text(run.remembered)} "
+                        f"(from {run.remembered_from})")
+    return run
 
 
 def _probe_endpoints(candidates: list[str], timeout: float) -> tuple[str | None, list[Any]]:
@@ -155,14 +165,17 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
         return ExitStatus.OK
     req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
                                      repo.include, repo.exclude, args.prune)
-    opts = downloader.options_from_config(cfg, **_tool_flags(args))
+    store = TaskStore(cfg.metadata_dir)
+    run = _run_settings(args, cfg, store.find(req.identity()))
+    opts = run.opts
     _announce(args.quiet, listing, local_dir, downloader.choose_tool(opts.tool), opts, endpoint)
-    outcome = downloader.download_repo(TaskStore(cfg.metadata_dir), req, listing,
+    outcome = downloader.download_repo(store, req, listing,
                                        endpoint=endpoint, token=token, opts=opts,
-                                       reserve=cfg.get("disk_reserve"), log=log,
-                                       stream=sys.stderr, quiet=args.quiet)
+                                       reserve=run.reserve, log=log,
+                                       stream=sys.stderr, quiet=args.quiet,
+                                       remember=("download", _tool_flags(args)))
     dm.register(cfg.metadata_dir, listing)
-    _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
+    render.sync_report(args.quiet, listing.commit, outcome)
     if args.quiet and not args.json:      # DIR=$(python main.py download REPO -q)
         render.quiet_result(outcome.task.id, outcome.result, local_dir)
         return report_exit(outcome.task.id, outcome.result)
@@ -246,16 +259,6 @@ def tool_line(tool: str, opts: Any, endpoint: str) -> str:
             f", {connections}-j {opts.jobs}, endpoint {endpoint}")
 
 
-def _report_sync(quiet: bool, commit: str, sync: Any, pruned: list[str]) -> None:
-    if sync is None:
-        return
-    say(quiet, f"new commit {commit[:12]}: {len(sync.added)} new, {len(sync.changed)} "
-               f"changed, {len(sync.removed)} removed upstream, {sync.unchanged} unchanged")
-    for path in sync.removed:
-        say(quiet, f"  removed upstream: {path}" +
-            (" (deleted)" if path in pruned else " (kept; --prune deletes it)"))
-
-
 def cmd_add_dataset(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     repo = _repo_choice(args)
@@ -334,10 +337,11 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
         if point.number is None:
             say(args.quiet, f"{task.id}: all {point.batch_count} batches complete")
             return ExitStatus.OK
-        return _run_batch(cfg, store, task, point.number, point.target, args)
+        return _run_batch(cfg, store, task, point.number, point.target, args, remember=False)
 
     endpoint = endpoint_for(cfg, task.endpoint)
-    opts = downloader.options_from_config(cfg, **_tool_flags(args))
+    run = _run_settings(args, cfg, task)
+    opts = run.opts
 
     def announce(commit: str) -> None:
         say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
@@ -347,7 +351,7 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     outcome = downloader.resume_task(
         store, task.id, endpoint=endpoint,
         token=token_for(cfg), opts=opts,
-        reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr, quiet=args.quiet,
+        reserve=run.reserve, log=log, stream=sys.stderr, quiet=args.quiet,
         on_start=announce)
     return report_result(outcome.task, outcome.result, args.json)
 
@@ -593,19 +597,19 @@ def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
 
 
 def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, local_dir: str | None,
-               args: Namespace) -> int:
+               args: Namespace, remember: bool = True) -> int:
     """Batch N of a task onto the disk at `local_dir` (default: the task's); `args` carries
-    the flags of `_tool_args` and --json/--quiet."""
+    the flags of `_tool_args` and --json/--quiet; with `remember` the task keeps those given."""
     import batch_manager as bm
-    import downloader
     endpoint = endpoint_for(cfg, task.endpoint)
+    settings = _run_settings(args, cfg, task)
     target = Path(os.path.abspath(local_dir)) if local_dir else None
     count = "?" if task.batch_count is None else task.batch_count
     say(args.quiet, f"{task.id}: batch {number} of {count} -> {target or task.local_dir}")
     run = bm.run_batch(store, task, number, target=target, endpoint=endpoint, token=token_for(cfg),
-                       opts=downloader.options_from_config(cfg, **_tool_flags(args)),
-                       reserve=cfg.get("disk_reserve"), log=log, stream=sys.stderr,
-                       quiet=args.quiet, force=getattr(args, "force", False))
+                       opts=settings.opts, reserve=settings.reserve, log=log,
+                       stream=sys.stderr, quiet=args.quiet, force=getattr(args, "force", False),
+                       remember=(args.command, _tool_flags(args)) if remember else None)
     render.batch_run(task.id, number, run, args.json)
     if run.result.status is TaskState.COMPLETED:
         if run.next_step:

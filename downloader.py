@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
-from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
+from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt_finished,
+                          forget_missing, prune_removed)
 from task_manager import StopReason, Task, TaskState, TaskStore, log_as
 from tools import choose_tool
-from utils import Partial, format_size, safe_join, safe_target
+from utils import Partial, format_size, safe_join
 
 if TYPE_CHECKING:
     from config import Config
@@ -107,23 +108,29 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
              token: str | None, opts: Options, reserve: int, log: logging.Logger,
              stream: TextIO, quiet: bool = False, todo: list[str] | None = None,
              local_dir: Path | None = None,
-             before_start: Callable[[], None] | None = None) -> RunResult:
+             before_start: Callable[[], None] | None = None,
+             remember: tuple[str, dict[str, Any]] | None = None) -> RunResult:
     """Run the unfinished files of a task (or of `todo` only) and record the outcome.
     Internal: its callers (download_repo, resume, batch_manager.run_batch) hold the task lock.
 
     `before_start` runs after the preflight, before the first byte (a batch writes its disk
-    marker there). Every log line meanwhile names the task."""
+    marker there). Every log line meanwhile names the task. `remember` is (command, flags
+    given): the task keeps them for later runs."""
     with log_as(task.id):
         return _run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                          reserve=reserve, log=log, stream=stream, quiet=quiet, todo=todo,
-                         local_dir=local_dir, before_start=before_start)
+                         local_dir=local_dir, before_start=before_start, remember=remember)
 
 
 def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: str,
               token: str | None, opts: Options, reserve: int, log: logging.Logger,
               stream: TextIO, quiet: bool, todo: list[str] | None, local_dir: Path | None,
-              before_start: Callable[[], None] | None) -> RunResult:
+              before_start: Callable[[], None] | None,
+              remember: tuple[str, dict[str, Any]] | None) -> RunResult:
     import system_monitor
+    if remember and any(v is not None for v in remember[1].values()):
+        store.update(task.id, options=remembered_options(store.get(task.id), remember[1],
+                                                         remember[0]))
     tool = choose_tool(opts.tool)
     local_dir = Path(local_dir or task.local_dir)
     work = plan_work(tracker, local_dir, todo)
@@ -136,9 +143,11 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
         if tracker.status[path]["status"] == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
     store.clear_cancel(task.id)
-    if work.todo:
-        system_monitor.preflight(local_dir, reserve=reserve,
-                                 needed=bytes_still_needed(tracker, local_dir, work.todo))
+    # The reserve guards bytes still to write: a run with none (a complete task on a nearly full
+    # disk) is neither refused nor stopped by the guard.
+    needed = bytes_still_needed(tracker, local_dir, work.todo)
+    if needed:
+        system_monitor.preflight(local_dir, reserve=reserve, needed=needed)
     if before_start:
         before_start()
     stopper = Stopper()
@@ -152,9 +161,10 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
         stopper.stop(StopReason.DISK_FULL, f"{format_size(usage.free)} free, "
                                   f"{format_size(reserve)} kept in reserve")
 
-    result = RunResult(status=TaskState.COMPLETED, tool=tool)
-    with stop_signals(stopper), system_monitor.DiskGuard(local_dir, reserve, interval=2.0,
-                                                         on_low=on_low):
+    result = RunResult(status=TaskState.COMPLETED, tool=tool, already_complete=not work.todo)
+    guard = (system_monitor.DiskGuard(local_dir, reserve, interval=2.0, on_low=on_low) if needed
+             else contextlib.nullcontext())
+    with stop_signals(stopper), guard:
         if work.todo:
             result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
@@ -221,6 +231,8 @@ class DownloadOutcome:
     sync: SyncReport | None = None        # when the commit moved
     pruned: list[str] = field(default_factory=list)
     resumed: bool = False
+    kept: dict[str, str] = field(default_factory=dict)    # --prune did not delete: path -> why
+    prunable: list[str] = field(default_factory=list)     # removed upstream, still here
 
 
 def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
@@ -259,16 +271,6 @@ def drop_old_partials(local_dir: Path, old_versions: dict[str, str]) -> None:
         partial.discard()
 
 
-def prune_removed(local_dir: Path, removed: list[str]) -> list[str]:
-    """Delete local files that the new commit removed (only with --prune)."""
-    gone = []
-    for path in removed:
-        with contextlib.suppress(ValueError, FileNotFoundError):
-            safe_target(local_dir, path).unlink()
-            gone.append(path)
-    return gone
-
-
 def _needed_for_new(local_dir: Path, listing) -> int:
     """Bytes a new task will write: files already complete at their final path don't count."""
     needed = 0
@@ -284,7 +286,8 @@ def _needed_for_new(local_dir: Path, listing) -> int:
 
 def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, endpoint: str,
                   token: str | None, opts: Options, reserve: int, log: logging.Logger,
-                  stream: TextIO, quiet: bool = False) -> DownloadOutcome:
+                  stream: TextIO, quiet: bool = False,
+                  remember: tuple[str, dict[str, Any]] | None = None) -> DownloadOutcome:
     """`download REPO`: find or create the task, take its lock, sync, run.
 
     Find-or-create and taking the task's lock happen under the store's creation lock: of two
@@ -308,10 +311,18 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
             task, tracker, sync = open_task(store, req, listing, endpoint)
         if sync:
             drop_old_partials(req.local_dir, sync.old_versions)
-        pruned = prune_removed(req.local_dir, sync.removed) if sync and req.prune else []
+        pruned = PruneReport([], {})
+        if req.prune:
+            pruned = prune_removed(tracker, req.local_dir)
+            tracker.write_list(endpoint)
+            for path in pruned.deleted:
+                log.info("%s: pruned %s (removed upstream)", task.id, path)
+        prunable = [f.path for f in tracker.removed()]
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
-                          reserve=reserve, log=log, stream=stream, quiet=quiet)
-    return DownloadOutcome(store.get(lock_id), result, sync, pruned, existing is not None)
+                          reserve=reserve, log=log, stream=stream, quiet=quiet,
+                          remember=remember)
+    return DownloadOutcome(store.get(lock_id), result, sync, pruned.deleted, existing is not None,
+                           pruned.kept, prunable)
 
 
 # ================================================================ resume and options
@@ -333,12 +344,100 @@ def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | N
     return DownloadOutcome(store.get(task_id), result, resumed=True)
 
 
-def options_from_config(cfg: Config, *, connections: int, jobs: int, retries: int,
-                        stall_timeout: float) -> Options:
-    """The run's options: the per-command flags plus the settings that live in config."""
-    return Options(tool=cfg.get("tool"), connections=connections, jobs=jobs, retries=retries,
-                   stall_timeout=stall_timeout, retry_base=cfg.get("retry_base_delay"),
+# Defaults of the run flags that have no setting in config (tool and reserve have: HFDL_TOOL,
+# HFDL_DISK_RESERVE). argparse leaves them None, so a task can tell a flag given from a default.
+RUN_DEFAULTS: dict[str, Any] = {"connections": 8, "jobs": 8, "retries": 5, "stall_timeout": 60.0}
+# The flags a task remembers (Task.options), in the order they are shown.
+RUN_FLAGS = ("tool", "connections", "jobs", "retries", "stall_timeout", "reserve")
+_TOOLS = ("auto", "aria2c", "wget", "python")
+
+
+def options_from_config(cfg: Config, *, tool: str | None = None, connections: int | None = None,
+                        jobs: int | None = None, retries: int | None = None,
+                        stall_timeout: float | None = None) -> Options:
+    """The run's options: the per-command flags (None: not given, the default applies) plus the
+    settings that live in config."""
+    given = {"connections": connections, "jobs": jobs, "retries": retries,
+             "stall_timeout": stall_timeout}
+    flags: dict[str, Any] = {k: RUN_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    return Options(tool=tool or cfg.get("tool"), retry_base=cfg.get("retry_base_delay"),
                    max_single_get=cfg.get("max_single_get"),
                    progress_interval=cfg.get("progress_interval"),
                    log_interval=60 * cfg.get("log_interval"),
-                   max_retry_wait=cfg.get("max_retry_wait"))
+                   max_retry_wait=cfg.get("max_retry_wait"), **flags)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run uses: the flags given now over the ones the task remembers, over config."""
+    opts: Options
+    reserve: int
+    remembered: dict[str, Any]        # the task's options used (not overridden now)
+    remembered_from: str              # the command that gave them
+
+
+def remembered_flags(task: Task | None, overridden: frozenset[str] = frozenset()
+                     ) -> tuple[dict[str, Any], str]:
+    """The flags a task remembers and the command that gave them; a bad value (unless
+    `overridden` now) is a MetadataError naming tasks.json."""
+    from utils import MetadataError
+    options = (task.options if task is not None else None) or {}
+    flags, command = options.get("flags") or {}, options.get("command") or "download"
+    if not isinstance(flags, dict) or not isinstance(command, str):
+        raise MetadataError(f"task {task.id if task else '?'} has bad 'options' in tasks.json",
+                            hint="remove its 'options' (the flags on the command line apply)")
+    checks: dict[str, Callable[[Any], bool]] = {
+        "tool": lambda v: v in _TOOLS,
+        "connections": lambda v: _whole(v) and v > 0, "jobs": lambda v: _whole(v) and v > 0,
+        "retries": lambda v: _whole(v) and v >= 0, "reserve": lambda v: _whole(v) and v >= 0,
+        "stall_timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        and 0 < v <= 86400}
+    for key, value in flags.items():
+        if key in checks and key not in overridden and not checks[key](value):
+            raise MetadataError(f"task {task.id if task else '?'} remembers a bad {key!r} "
+                                f"({value!r}) in tasks.json",
+                                hint="remove it from the task's 'options', or give the flag")
+    return {k: flags[k] for k in RUN_FLAGS if k in flags}, command
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_settings(cfg: Config, given: dict[str, Any], task: Task | None) -> RunSettings:
+    """The flags given on this command line (None: not given) over the task's remembered ones."""
+    now = {k: v for k, v in given.items() if v is not None}
+    remembered, command = remembered_flags(task, frozenset(now))
+    used = {k: v for k, v in remembered.items() if k not in now}
+    flags = {**used, **now}
+    reserve = flags.pop("reserve", None)
+    return RunSettings(options_from_config(cfg, **flags),
+                       cfg.get("disk_reserve") if reserve is None else reserve, used, command)
+
+
+def remembered_options(task: Task, given: dict[str, Any], command: str) -> dict[str, Any]:
+    """The task's options once `command` ran with the flags `given` (None: not given)."""
+    flags, _ = remembered_flags(task, frozenset(k for k, v in given.items() if v is not None))
+    flags.update({k: v for k, v in given.items() if v is not None and k in RUN_FLAGS})
+    return {"command": command, "flags": {k: flags[k] for k in RUN_FLAGS if k in flags}}
+
+
+def flag_text(flags: dict[str, Any]) -> str:
+    """Remembered flags as they would be typed: "--tool wget -j 4 --reserve 500M"."""
+    names = {"tool": "--tool", "connections": "-x", "jobs": "-j", "retries": "--retries",
+             "stall_timeout": "--stall-timeout", "reserve": "--reserve"}
+    parts = []
+    for key in RUN_FLAGS:
+        if key in flags:
+            value = flags[key]
+            text = (_size_text(value) if key == "reserve" else
+                    f"{value:g}" if isinstance(value, float) else str(value))
+            parts.append(f"{names[key]} {text}")
+    return " ".join(parts)
+
+
+def _size_text(n: int) -> str:
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)

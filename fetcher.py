@@ -59,6 +59,7 @@ class RunResult:
     elapsed: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     bytes_missing: int = 0          # not on disk yet: unfinished files minus their partial bytes
+    already_complete: bool = False  # nothing was left to fetch when the run started
 
 
 

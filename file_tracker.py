@@ -125,6 +125,8 @@ class FileTracker:
         entries = [{"filename": f.path, "url": file_url(endpoint, repo_id, repo_type, commit, f.path),
                     "expected_size": f.size, "blob_id": f.blob_id, "sha256": f.sha256,
                     "lfs": f.lfs} for f in self.files]
+        if not self.meta.get("removed"):
+            self.meta.pop("removed", None)
         write_json_atomic(self.folder / FILE_LIST,
                           {"schema_version": SCHEMA_VERSION, "task_id": self.task_id, **self.meta,
                            "files": entries}, indent=None)
@@ -217,6 +219,20 @@ class FileTracker:
             # A big status file must not eat the run: save at most ~5% of the time.
             self.min_interval = max(1.0, 20 * (self._last_save - started))
 
+    # ------------------------------------------------------------ removed upstream
+
+    def removed(self) -> list[RemoteFile]:
+        """Files this task downloaded that a later commit no longer lists (--prune deletes
+        them), with the size and hash they had when downloaded."""
+        return [RemoteFile(e["filename"], e["expected_size"], e["blob_id"], e.get("sha256"))
+                for e in self.meta.get("removed") or []]
+
+    def set_removed(self, files: Iterable[RemoteFile]) -> None:
+        unique = {f.path: f for f in files}
+        self.meta["removed"] = [{"filename": f.path, "expected_size": f.size,
+                                 "blob_id": f.blob_id, "sha256": f.sha256}
+                                for f in sorted(unique.values(), key=lambda f: f.path)]
+
     # ------------------------------------------------------------ sync with a new listing
 
     def sync(self, listing: Listing, endpoint: str) -> SyncReport:
@@ -234,6 +250,13 @@ class FileTracker:
                     self.status[f.path] = _new_status(f)
             new_paths = {f.path for f in listing.files}
             removed = [p for p in old if p not in new_paths]
+            # What the task downloaded and upstream removed stays recorded until --prune
+            # deletes it (on this run or any later one); a path listed again is no longer a
+            # candidate.
+            downloaded = [old[p] for p in removed
+                          if self.status.get(p, {}).get("status") == FileState.COMPLETED.value]
+            self.set_removed([e for e in self.removed() if e.path not in new_paths] +
+                             downloaded)
             for p in removed:
                 self.status.pop(p, None)
             self.files = list(listing.files)
@@ -269,7 +292,17 @@ def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
                             hint=_LIST_HINT) from None
-    return files, {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
+    meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
+    if listing.get("removed"):
+        try:
+            meta["removed"] = [{"filename": safe_relpath(e["filename"]),
+                                "expected_size": _whole(e["expected_size"]),
+                                "blob_id": e["blob_id"], "sha256": e.get("sha256")}
+                               for e in listing["removed"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MetadataError(f"metadata file {path} has a bad 'removed' entry ({exc})",
+                                hint=_LIST_HINT) from None
+    return files, meta
 
 
 _LIST_HINT = ("this file holds the Hub's listing and cannot be rebuilt: remove the task with "
@@ -503,3 +536,49 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
     with contextlib.suppress(OSError):
         local_dir.rmdir()
     return Deleted(removed, kept)
+
+
+# ---------------------------------------------------------------- --prune
+
+@dataclass(frozen=True)
+class PruneReport:
+    deleted: list[str]
+    kept: dict[str, str]          # path -> why it was not deleted
+
+
+def prune_removed(tracker: FileTracker, local_dir: Path) -> PruneReport:
+    """--prune: delete the files this task downloaded that the current commit no longer lists,
+    when they are still the bytes the task wrote (size and hash); a file changed since is the
+    user's and is kept. Either way the record is cleared (the caller saves it: write_list)."""
+    deleted, kept = [], {}
+    root = os.path.realpath(local_dir)
+    for f in tracker.removed():
+        if f.path in tracker.by_path:
+            continue                              # listed again: not removed any more
+        try:
+            final = safe_target(local_dir, f.path)    # never through a symlinked folder
+            st = os.lstat(final)
+        except (UnsafePathError, ValueError) as exc:
+            kept[f.path] = str(exc)
+            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue                              # already gone
+        if not stat.S_ISREG(st.st_mode) or os.path.realpath(final) != os.path.join(root, f.path):
+            kept[f.path] = "not a regular file inside the folder"
+        elif (result := check_file(final, f)).verdict != "ok":
+            kept[f.path] = f"changed since this task downloaded it ({result.verdict})"
+        else:
+            final.unlink()
+            deleted.append(f.path)
+            _remove_empty_parents(final.parent, Path(local_dir))
+    tracker.set_removed([])
+    return PruneReport(deleted, kept)
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

@@ -176,13 +176,13 @@ def _repo_args(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
 def _tool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool", choices=("auto", "aria2c", "wget", "python"),
                    help="download tool (env HFDL_TOOL; default auto: aria2c, else wget, else python)")
-    p.add_argument("-x", "--connections", type=_positive_int, default=8, metavar="N",
+    p.add_argument("-x", "--connections", type=_positive_int, metavar="N",
                    help="connections per file (default 8)")
-    p.add_argument("-j", "--jobs", type=_positive_int, default=8, metavar="N",
+    p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
                    help="files at once (default 8; 16-32 for repos of many small files)")
-    p.add_argument("--retries", type=_non_negative_int, default=5, metavar="N",
+    p.add_argument("--retries", type=_non_negative_int, metavar="N",
                    help="retries per file after the first try (default 5)")
-    p.add_argument("--stall-timeout", type=_seconds, default=60.0, metavar="SEC",
+    p.add_argument("--stall-timeout", type=_seconds, metavar="SEC",
                    help="a file with no new byte for this long is retried (default 60)")
     p.add_argument("--reserve", type=_size, metavar="SIZE",
                    help="free space always kept (env HFDL_DISK_RESERVE; default 1G)")
@@ -211,7 +211,8 @@ def build_parser() -> Parser:
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
-                   help="delete local files that the new commit removed")
+                   help="delete the files this task downloaded that the current commit "
+                        "no longer lists (unchanged ones only)")
     _json_arg(p)
 
     p = add("add-dataset", "register a repo (checks that it exists) without downloading")

@@ -131,8 +131,10 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
         out_json({"task": task_id, "batch": number, "status": run.result.status.value,
                   "reason": run.result.reason, "target": run.target, **p})
         return
+    reason = ("already complete; nothing to fetch" if run.result.already_complete
+              and run.result.status.value == "completed" else run.result.reason)
     out(f"{task_id} batch {number}/{run.batch_count}: {run.result.status.value}"
-        + (f" ({run.result.reason})" if run.result.reason else "")
+        + (f" ({reason})" if reason else "")
         + f": {p['files_done']}/{p['files_total']} files, {format_size(p['bytes_done'])} of "
           f"{format_size(p['bytes_total'])} in {run.target}")
     for path, error in run.result.failures[:20]:
@@ -141,6 +143,7 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
 
 def run_result(task: Task, result: RunResult, as_json: bool) -> None:
     """The outcome of a download or resume run (fetcher.RunResult) of `task`."""
+    done_before = result.already_complete and result.status.value == "completed"
     if as_json:
         out_json({"task": task.id, "repo_id": task.repo_id, "repo_type": task.repo_type,
                   "revision": task.revision, "commit": task.commit, "local_dir": task.local_dir,
@@ -148,9 +151,11 @@ def run_result(task: Task, result: RunResult, as_json: bool) -> None:
                   "files_total": result.files_total, "files_done": result.files_done,
                   "files_failed": result.files_failed, "bytes_done": result.bytes_done,
                   "bytes_fetched": result.bytes_fetched, "elapsed": round(result.elapsed, 3),
-                  "failures": [{"path": p, "error": e} for p, e in result.failures]})
+                  "failures": [{"path": p, "error": e} for p, e in result.failures],
+                  "already_complete": done_before})
         return
-    out(f"{task.id}: {result.status.value}" + (f" ({result.reason})" if result.reason else "") +
+    reason = "already complete; nothing to fetch" if done_before else result.reason
+    out(f"{task.id}: {result.status.value}" + (f" ({reason})" if reason else "") +
         f": {result.files_done}/{result.files_total} files, {format_size(result.bytes_done)}"
         f" on disk, {format_size(result.bytes_fetched)} fetched in {result.elapsed:.1f} s")
     for path, error in result.failures[:20]:
@@ -207,3 +212,31 @@ def settings(rows: list[dict[str, Any]], as_json: bool) -> None:
             value = f"{value}%"
         source = f"[{r['source']}]" if r["source"] else ""
         out(f"{r['name']:{width}}  {value}  {source}")
+
+
+_PRUNE_HINT = "the same download with --prune deletes {}, now or on any later run"
+
+
+def sync_report(quiet: bool, commit: str, outcome: Any) -> None:
+    """The new commit, if any, and what became of the files removed upstream: deleted by
+    --prune, kept (a file changed since, or no --prune yet), or never downloaded."""
+    sync, pruned, kept, prunable = outcome.sync, outcome.pruned, outcome.kept, outcome.prunable
+    removed = sync.removed if sync else []
+    if sync is not None:
+        say(quiet, f"new commit {commit[:12]}: {len(sync.added)} new, {len(sync.changed)} "
+                   f"changed, {len(removed)} removed upstream, {sync.unchanged} unchanged")
+    for path in removed:
+        what = ("deleted" if path in pruned else f"kept: {kept[path]}" if path in kept else
+                "kept; " + _PRUNE_HINT.format("it") if path in prunable else
+                "not downloaded; nothing to delete")
+        say(quiet, f"  removed upstream: {path} ({what})")
+    for path in pruned:
+        if path not in removed:
+            say(quiet, f"  pruned: {path} (removed upstream at an earlier commit)")
+    for path, why in kept.items():
+        if path not in removed:
+            say(quiet, f"  kept: {path} ({why})")
+    left = [p for p in prunable if p not in removed]
+    if left:
+        say(quiet, f"note: {len(left)} files removed upstream are still in the folder "
+                   f"(e.g. {left[0]}); " + _PRUNE_HINT.format("them"))

@@ -389,8 +389,11 @@ def format_report(report: SystemReport) -> str:
 # ---------------------------------------------------------------- preflight and guard
 
 def preflight(path: str | os.PathLike[str], *, needed: int, reserve: int) -> DiskUsage:
-    """The usage, or DiskSpaceError when `needed` does not fit above the reserve, or HFDError."""
+    """The usage, or DiskSpaceError when `needed` does not fit above the reserve, or HFDError.
+    Nothing to write (`needed` 0) always passes: the reserve guards bytes still to come."""
     usage = disk_usage(path)
+    if needed <= 0:
+        return usage
     # A read-only disk first: freeing space cannot help there. statvfs asks without writing.
     if is_read_only(usage.path):
         raise HFDError(f"cannot write to {path}: read-only file system",

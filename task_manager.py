@@ -81,6 +81,9 @@ class Task:
     batch_count: int | None = None
     available_space: int | None = None
     safety_margin: float | None = None
+    # the run flags given to download (or a batch command), used by later runs unless
+    # overridden: {"command": "download", "flags": {"tool": "wget", "jobs": 4}}
+    options: Mapping[str, Any] | None = None
     json_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -164,6 +167,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise TypeError(f"expected a list of strings, got {value!r}")
         return tuple(value)
+    if key == "options":
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"expected an object or null, got {value!r}")
+        return None if value is None else dict(value)
     if key == "safety_margin":
         ok, wanted = value is None or _is_number(value), "a number or null"
     elif key in _INT_FIELDS:
