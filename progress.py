@@ -7,7 +7,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from typing import TextIO
+from typing import Any, TextIO
 
 from utils import format_duration, format_size
 
@@ -19,11 +19,17 @@ class Progress:
     """Bytes and files done, speed, ETA: a tqdm bar on a terminal, plain lines otherwise."""
 
     def __init__(self, total_files: int, total_bytes: int, done_files: int, done_bytes: int,
-                 stream: TextIO, interval: float, quiet: bool = False) -> None:
+                 stream: TextIO, interval: float, quiet: bool = False,
+                 kept: dict[str, int] | None = None) -> None:
         self.total_files, self.total_bytes = total_files, total_bytes
         self.done_files, self.base_bytes = done_files, done_bytes
         self.active: dict[str, int] = {}
+        # partial bytes of files not in flight (waiting, or stopped): done bytes of the task,
+        # never fetched again, so a stop never makes the numbers go backwards
+        self.kept: dict[str, int] = dict(kept or {})
+        self.sizes: dict[str, int] = {}
         self.fetched = 0
+        self.last_byte_at: float | None = None      # wall clock (time.time) of the last byte
         self._lock = threading.Lock()
         self.stream, self.interval, self.quiet = stream, interval, quiet
         self.started = time.monotonic()
@@ -46,11 +52,13 @@ class Progress:
             before = self.active.get(path, 0)
             if have > before:
                 self.fetched += have - before
+                self.last_byte_at = time.time()
             self.active[path] = have
 
     def file_done(self, path: str, size: int, ok: bool, message: str) -> None:
         with self._lock:
             self.active.pop(path, None)
+            self.sizes.pop(path, None)
             if ok:
                 self.done_files += 1
                 self.base_bytes += size
@@ -61,18 +69,36 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
-    def file_started(self, path: str, have: int) -> None:
+    def file_started(self, path: str, have: int, size: int = 0) -> None:
         """Bytes already in the partial count as done, not as fetched by this run."""
         with self._lock:
+            self.kept.pop(path, None)
             self.active[path] = have
+            self.sizes[path] = size
 
-    def file_dropped(self, path: str) -> None:
+    def file_dropped(self, path: str, kept: int = 0) -> None:
+        """A file left for the next run: the `kept` bytes of its partial stay done bytes."""
         with self._lock:
             self.active.pop(path, None)
+            self.sizes.pop(path, None)
+            if kept:
+                self.kept[path] = kept
 
     def bytes_done(self) -> int:
         with self._lock:
-            return self.base_bytes + sum(self.active.values())
+            return self._done_locked()
+
+    def _done_locked(self) -> int:
+        return self.base_bytes + sum(self.kept.values()) + sum(self.active.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """What another terminal sees of this run (live_status publishes it)."""
+        with self._lock:
+            return {"bytes_on_disk": self._done_locked(), "bytes_total": self.total_bytes,
+                    "files_done": self.done_files, "files_total": self.total_files,
+                    "bytes_fetched": self.fetched, "last_byte_ts": self.last_byte_at,
+                    "in_flight": [{"path": p, "bytes": have, "size": self.sizes.get(p, 0)}
+                                  for p, have in sorted(self.active.items())]}
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
