@@ -298,8 +298,8 @@ def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
 def batch_progress(batch: Batch, tracker: FileTracker,
                    entry: dict[str, Any] | None = None) -> dict[str, Any]:
     """Files and bytes done of one batch, and its state from its files' states. `entry` (the
-    plan's record of the batch) says whether its last run was stopped, and the partial bytes
-    that run kept on the disk: they count as done bytes (they are not fetched again)."""
+    plan's record of the batch) says whether its last run was stopped (`stopped`: why) and the
+    partial bytes that run kept on the disk: they count as done bytes (never fetched again)."""
     from file_tracker import FileState
     states = [tracker.status[p]["status"] for p in batch.paths]
     done = sum(1 for s in states if s == FileState.COMPLETED.value)
@@ -318,7 +318,7 @@ def batch_progress(batch: Batch, tracker: FileTracker,
         state = BatchState.DOWNLOADING
     else:
         state = BatchState.OVERSIZE if batch.oversize else BatchState.PENDING
-    return {"state": state.value, "reason": stopped.get("reason", "") if stopped else "",
+    return {"state": state.value, "stopped": stopped.get("reason", "") if stopped else "",
             "files_done": done, "files_total": len(states),
             "bytes_done": min(done_bytes, batch.total_bytes), "bytes_total": batch.total_bytes}
 
@@ -468,7 +468,7 @@ def format_batch_rows(task: Task, rows: list[dict[str, Any]]) -> str:
              f"{format_size(batch_capacity(task.available_space or 0, task.safety_margin or 0.0))}"]
     table = []
     for r in rows:
-        state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "") + (f" (needs a {format_size(r['needed_space'])} disk)"
+        state = r["state"] + (f" ({r['stopped']})" if r.get("stopped") else "") + (f" (needs a {format_size(r['needed_space'])} disk)"
                               if r["oversize"] and r["state"] != BatchState.COMPLETED else "")
         where = "-"
         if r["target"]:

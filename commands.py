@@ -3,7 +3,6 @@ return the exit status. Managers do the work (and take the task locks); render.p
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ import config
 import render
 from render import out, out_json, say
 from task_manager import StopReason, Task, TaskState, TaskStore, cancel, normalize_id
-from utils import ExitStatus, HFDError, MetadataError, UsageError, format_size, now_iso, repo_folder_name
+from utils import ExitStatus, HFDError, MetadataError, UsageError, format_size, repo_folder_name
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -274,65 +273,22 @@ def cmd_list_datasets(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _live_tasks(metadata_dir: Path, status: str | None) -> list[Task]:
-    store = TaskStore(metadata_dir)
-    tasks = [store.live(t) for t in store.all().values()]
-    return [t for t in tasks if not status or t.status.value == status]
-
-
-def _live_status(store: TaskStore, task_id: str, pid: int | None) -> dict[str, Any] | None:
-    """The running process's status file, read without the task lock; None unless the task
-    is locked by `pid` and the file is fresh (a leftover of a dead run is never shown)."""
-    from live_status import live_path, read_live
-    return read_live(live_path(store.folder(task_id)), pid=pid) if pid else None
-
-
-def _task_table(metadata_dir: Path, status: str | None, as_json: bool) -> bool:
-    """Prints the task table; True while some task is running."""
-    store = TaskStore(metadata_dir)
-    tasks = _live_tasks(metadata_dir, status)
-    running = {t.id: _running_pid(store, t.id) for t in tasks}
-    render.task_list(tasks, as_json, running,
-                     {t.id: _live_status(store, t.id, running[t.id]) for t in tasks})
-    return any(running.values())
-
-
 def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
-    _task_table(cfg.metadata_dir, args.status, args.json)
+    from live_status import task_table, task_views
+    task_table(task_views(TaskStore(cfg.metadata_dir), args.status), args.json)
     return ExitStatus.OK
-
-
-def _status_frame(metadata_dir: Path, task_id: str | None,
-                  as_json: bool) -> tuple[str, str, bool]:
-    """One look at a task (or all): (what `status` prints, one line of it, still running)."""
-    from live_status import capture
-    store = TaskStore(metadata_dir)
-    if not task_id:
-        running: list[bool] = []
-        text = capture(lambda: running.append(_task_table(metadata_dir, None, as_json)))
-        tasks = _live_tasks(metadata_dir, "running")
-        lives = [_live_status(store, t.id, _running_pid(store, t.id)) for t in tasks]
-        line = "; ".join(render.status_line(t, lv) for t, lv in zip(tasks, lives))
-        return text, f"{now_iso()} {line or 'no task running'}", running[0]
-    task = store.live(store.get(task_id))
-    pid = _running_pid(store, task.id)
-    live = _live_status(store, task.id, pid)
-    text = capture(lambda: render.status(task, pid, as_json, live))
-    line = (json.dumps(json.loads(text), ensure_ascii=False) if as_json
-            else f"{now_iso()} {render.status_line(task, live)}")
-    return text, line, pid is not None
 
 
 def cmd_status(args: Namespace, cfg: config.Config) -> int:
     """`status [TASK] [--watch [SECONDS]]`: --watch shows it again every SECONDS until the task
     (or every task) stops running; Ctrl-C ends it too (130, as everywhere)."""
-    from live_status import watch, watch_args
+    from live_status import status_frame, watch, watch_args
     every, task = watch_args(args.watch, args.task)
-    task_id = normalize_id(task) if task else None
+    task_id, store = normalize_id(task) if task else None, TaskStore(cfg.metadata_dir)
     if every is None:
-        sys.stdout.write(_status_frame(cfg.metadata_dir, task_id, args.json)[0])
+        sys.stdout.write(status_frame(store, task_id, args.json)[0])
         return ExitStatus.OK
-    watch(lambda: _status_frame(cfg.metadata_dir, task_id, args.json), every, sys.stdout)
+    watch(lambda: status_frame(store, task_id, args.json), every, sys.stdout)
     return ExitStatus.OK
 
 

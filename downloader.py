@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
 from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
-from live_status import live_path
+from progress import live_path
 from task_manager import StopReason, Task, TaskState, TaskStore
 from tools import choose_tool
 from utils import Partial, format_size, safe_join

@@ -23,8 +23,7 @@ from typing import Callable, TextIO
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker, check_file
 from hub_http import capped_wait
-from live_status import LivePublisher
-from progress import Progress
+from progress import LivePublisher, Progress
 from task_manager import StopReason, TaskState
 from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,

@@ -1,95 +1,24 @@
 """A running task seen from another terminal: the run publishes a small status file
-(metadata/tasks/<id>/live.json: bytes on disk with partials, speed over the last minute, ETA,
-time of the last byte, files in flight), rewritten atomically every few seconds; `status` and
-`list-tasks` read it without taking the task lock, and `status --watch` shows it again and again.
+(progress.LivePublisher: metadata/tasks/<id>/live.json, bytes on disk with partials, speed over
+the last minute, ETA, time of the last byte, files in flight) every few seconds; `status` and
+`list-tasks` read it here without taking the task lock, and `status --watch` shows it again and
+again.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from utils import MetadataError, UsageError, read_json, write_json_atomic
+from progress import live_path
+from task_manager import Task, TaskStore
+from utils import MetadataError, UsageError, now_iso, read_json
 
-LIVE_NAME = "live.json"
-SCHEMA_VERSION = 1
 MAX_AGE = 30.0          # older than this, the file is a leftover (the run publishes every 2 s)
 CLEAR = "\x1b[{n}F\x1b[J"       # up n lines to their start, then clear to the end of the screen
-
-
-def live_path(task_folder: Path) -> Path:
-    return Path(task_folder) / LIVE_NAME
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
-
-
-class LivePublisher:
-    """Rewrites the status file at most every `every` seconds from the run's main loop.
-
-    `snapshot` is progress.Progress.snapshot (bytes of the run's scope); `base_bytes` and
-    `base_files` are the task's completed files outside that scope (other batches), so the
-    file speaks of the whole task while the speed and the ETA speak of this run."""
-
-    def __init__(self, path: Path, snapshot: Callable[[], dict[str, Any]], *, pid: int,
-                 base_bytes: int = 0, base_files: int = 0, task_bytes: int = 0,
-                 task_files: int = 0, every: float = 2.0, window: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
-        self.path, self.snapshot, self.pid = Path(path), snapshot, pid
-        self.base_bytes, self.base_files = base_bytes, base_files
-        self.task_bytes, self.task_files = task_bytes, task_files
-        self.every, self.window, self.clock, self.wall = every, window, clock, wall
-        self._samples: deque[tuple[float, int]] = deque()
-        self._last: float | None = None
-        self.writes = 0
-
-    def speed(self) -> float:
-        """Bytes per second over the last `window` seconds (0 before two samples)."""
-        if len(self._samples) < 2:
-            return 0.0
-        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def tick(self, force: bool = False) -> bool:
-        """Sample the progress; write the file when `every` seconds passed. True if written."""
-        now, snap = self.clock(), self.snapshot()
-        self._samples.append((now, snap["bytes_fetched"]))
-        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
-            self._samples.popleft()
-        if not force and self._last is not None and now - self._last < self.every:
-            return False
-        self._last = now
-        # a status file that cannot be written (disk full) must not stop the download: the
-        # reader then shows the recorded counters, and the disk guard deals with the disk
-        with contextlib.suppress(OSError):
-            write_json_atomic(self.path, self.payload(snap), indent=None)
-            self.writes += 1
-            return True
-        return False
-
-    def payload(self, snap: dict[str, Any]) -> dict[str, Any]:
-        speed = self.speed()
-        left = snap["bytes_total"] - snap["bytes_on_disk"]
-        wall = self.wall()
-        return {"schema_version": SCHEMA_VERSION, "pid": self.pid,
-                "updated_at": _iso(wall), "updated_ts": wall,
-                "bytes_on_disk": self.base_bytes + snap["bytes_on_disk"],
-                "bytes_total": max(self.task_bytes, self.base_bytes + snap["bytes_total"]),
-                "files_done": self.base_files + snap["files_done"],
-                "files_total": max(self.task_files, self.base_files + snap["files_total"]),
-                "speed_bps": round(speed, 1),
-                "eta_seconds": round(left / speed, 1) if speed > 0 and left > 0 else None,
-                "last_byte_at": _iso(snap["last_byte_ts"]), "in_flight": snap["in_flight"]}
-
-    def close(self) -> None:
-        """The run is over: the recorded counters speak from now on."""
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 def read_live(path: Path, *, pid: int | None = None, now: float | None = None,
@@ -106,6 +35,52 @@ def read_live(path: Path, *, pid: int | None = None, now: float | None = None,
     if (time.time() if now is None else now) - stamp > max_age:
         return None
     return data
+
+
+# ---------------------------------------------------------------- the reader side
+
+View = tuple[Task, int | None, dict[str, Any] | None]      # task, PID running it, live
+
+
+def live_of(store: TaskStore, task_id: str, pid: int | None) -> dict[str, Any] | None:
+    """The running process's status file, read without the task lock; None unless the task
+    is locked by `pid` and the file is fresh (a leftover of a dead run is never shown)."""
+    return read_live(live_path(store.folder(task_id)), pid=pid) if pid else None
+
+
+def view(store: TaskStore, task: Task) -> View:
+    task = store.live(task)
+    pid = store.owner_pid(task.id) if store.is_locked(task.id) else None
+    return task, pid, live_of(store, task.id, pid)
+
+
+def task_views(store: TaskStore, status: str | None) -> list[View]:
+    """Each task (in the given state) with the PID running it and its live status, if any."""
+    views = [view(store, t) for t in store.all().values()]
+    return [v for v in views if not status or v[0].status.value == status]
+
+
+def task_table(views: list[View], as_json: bool) -> None:
+    """`list-tasks` and `status` without a task: the table (render.task_list) of `views`."""
+    import render
+    render.task_list([t for t, _p, _l in views], as_json, {t.id: p for t, p, _l in views},
+                     {t.id: live for t, _p, live in views})
+
+
+def status_frame(store: TaskStore, task_id: str | None, as_json: bool) -> tuple[str, str, bool]:
+    """One look at a task (or all): (what `status` prints, one line of it, still running)."""
+    import render
+    if task_id:
+        views = [view(store, store.get(task_id))]
+        text = capture(lambda: render.status(views[0][0], views[0][1], as_json, views[0][2]))
+    else:
+        views = task_views(store, None)
+        text = capture(lambda: task_table(views, as_json))
+    shown = views if task_id else [v for v in views if v[1]]     # all tasks: the running ones
+    line = "; ".join(render.status_line(t, lv) for t, _p, lv in shown)
+    line = (json.dumps(json.loads(text), ensure_ascii=False) if as_json
+            else f"{now_iso()} {line or 'no task running'}")
+    return text, line, any(pid for _t, pid, _l in views)
 
 
 # ---------------------------------------------------------------- status --watch

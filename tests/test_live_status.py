@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from live_status import LivePublisher, live_path, read_live, watch, watch_args
-from progress import Progress
+from live_status import read_live, watch, watch_args
+from progress import LivePublisher, Progress, live_path
 from tests.fakehub import Content
 from tests.helpers import size_of, wait_for
 from utils import UsageError
@@ -195,6 +195,10 @@ def test_status_watch_of_a_task_not_running_prints_once(cli, hub):
     assert cli("download", "small").code == 0
     r = cli("status", "task_001", "--watch")
     assert r.code == 0 and len(r.out.splitlines()) == 1 and "completed" in r.out
+    r = cli("status", "--watch", "1")              # every task: none runs, one line
+    assert r.code == 0 and r.out.count("\n") == 1 and "no task running" in r.out
+    r = cli("status", "task_001", "--watch", "--json")     # a JSON document per line
+    assert r.code == 0 and json.loads(r.out)["status"] == "completed"
     r = cli("status", "task_001", "--watch", "0")
     assert r.code == 2 and r.err.startswith("error: --watch")
 
@@ -238,7 +242,7 @@ def test_an_interrupted_batch_is_paused_with_its_bytes(cli, hub):
     assert proc.returncode == 130, err
     rows = json.loads(cli("batch-status", "task_001", "--json").out)
     row = rows[0] if isinstance(rows, list) else rows["batches"][0]
-    assert row["state"] == "paused" and row["reason"] == "interrupted"
+    assert row["state"] == "paused" and row["stopped"] == "interrupted"
     assert row["bytes_done"] > 1_000_000
     text = cli("batch-status", "task_001").out
     assert "paused (interrupted)" in text and "pending" not in text
@@ -247,4 +251,4 @@ def test_an_interrupted_batch_is_paused_with_its_bytes(cli, hub):
     assert r.code == 0, r.text
     row = json.loads(cli("batch-status", "task_001", "--json").out)
     row = row[0] if isinstance(row, list) else row["batches"][0]
-    assert row["state"] == "completed" and row["reason"] == ""
+    assert row["state"] == "completed" and row["stopped"] == ""
