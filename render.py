@@ -122,7 +122,8 @@ def task_list(tasks: list[Task], as_json: bool,
     for t in tasks:
         live = lives.get(t.id)
         out(f"{t.id:9} {t.status.value:10} {_pct(t, live):>6} "
-            f"{t.files_done:>5}/{t.files_total:<5} "
+            f"{live.get('files_done', t.files_done) if live else t.files_done:>5}/"
+            f"{t.files_total:<5} "
             f"{format_size(t.bytes_total):>11}  {t.repo_id}"
             + (" (dataset)" if t.repo_type == "dataset" else "")
             + (f" @ {t.revision}" if t.revision and t.revision != "main" else ""))
@@ -146,12 +147,14 @@ def status(task: Task, running_pid: int | None, as_json: bool,
     out(f"  repo:   {task.repo_type} {task.repo_id} @ {task.revision} "
         f"({str(task.commit)[:12]})")
     out(f"  folder: {task.local_dir}")
-    out(f"  files:  {task.files_done}/{task.files_total} done, {task.files_failed} failed")
+    done = live.get("files_done", task.files_done) if live else task.files_done
+    out(f"  files:  {done}/{task.files_total} done, {task.files_failed} failed")
     out(f"  bytes:  {format_size(_done_bytes(task, live))} / "
         f"{format_size(task.bytes_total)} ({_pct(task, live).strip()})"
         + (" on disk, partial files included" if live else ""))
     if live:
-        out(f"  speed:  {_speed(live)} (over the last minute); last byte at "
+        out(f"  speed:  {format_size(live.get('speed_bps') or 0)}/s over the last minute, "
+            f"ETA {format_duration(live.get('eta_seconds'))}; last byte at "
             f"{live.get('last_byte_at') or 'none yet'}")
         flying = live.get("in_flight") or []
         out(f"  in flight: {len(flying)} files")
