@@ -468,8 +468,9 @@ def format_batch_rows(task: Task, rows: list[dict[str, Any]]) -> str:
              f"{format_size(batch_capacity(task.available_space or 0, task.safety_margin or 0.0))}"]
     table = []
     for r in rows:
-        state = r["state"] + (f" ({r['stopped']})" if r.get("stopped") else "") + (f" (needs a {format_size(r['needed_space'])} disk)"
-                              if r["oversize"] and r["state"] != BatchState.COMPLETED else "")
+        state = r["state"] + (f" ({r['stopped']})" if r.get("stopped") else "")
+        state += (f" (needs a {format_size(r['needed_space'])} disk)"
+                  if r["oversize"] and r["state"] != BatchState.COMPLETED else "")
         where = "-"
         if r["target"]:
             where = (f"{r['target']} [disk {r['disk_id'] or '?'} on {r['mount_point']}]"
