@@ -55,6 +55,7 @@ class BatchState(str, enum.Enum):
     DOWNLOADING = "downloading"
     COMPLETED = "completed"
     FAILED = "failed"
+    PAUSED = "paused"              # a run of it was stopped (Ctrl-C, SIGTERM, cancel, disk full)
     OVERSIZE = "oversize"          # pending, and bigger than the planned disk
 
 
@@ -249,23 +250,32 @@ def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
 
 # ---------------------------------------------------------------- per-batch state
 
-def batch_progress(batch: Batch, tracker: FileTracker) -> dict[str, Any]:
-    """Files and bytes done of one batch, and its state from its files' states."""
+def batch_progress(batch: Batch, tracker: FileTracker,
+                   entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Files and bytes done of one batch, and its state from its files' states. `entry` (the
+    plan's record of the batch) says whether its last run was stopped (`stopped`: why) and the
+    partial bytes that run kept on the disk: they count as done bytes (never fetched again)."""
     from file_tracker import FileState
     states = [tracker.status[p]["status"] for p in batch.paths]
     done = sum(1 for s in states if s == FileState.COMPLETED.value)
     done_bytes = sum(tracker.by_path[p].size for p, s in zip(batch.paths, states)
                      if s == FileState.COMPLETED.value)
+    stopped = (entry or {}).get("stopped") or {}
+    stopped = stopped if isinstance(stopped, dict) else {}
     if done == len(states):
         state = BatchState.COMPLETED
     elif FileState.FAILED.value in states:
         state = BatchState.FAILED
+    elif stopped:
+        state = BatchState.PAUSED
+        done_bytes += int(stopped.get("partial_bytes") or 0)
     elif done or FileState.DOWNLOADING.value in states:
         state = BatchState.DOWNLOADING
     else:
         state = BatchState.OVERSIZE if batch.oversize else BatchState.PENDING
-    return {"state": state.value, "files_done": done, "files_total": len(states),
-            "bytes_done": done_bytes, "bytes_total": batch.total_bytes}
+    return {"state": state.value, "stopped": stopped.get("reason", "") if stopped else "",
+            "files_done": done, "files_total": len(states),
+            "bytes_done": min(done_bytes, batch.total_bytes), "bytes_total": batch.total_bytes}
 
 
 def disk_identity(target: Path) -> dict[str, Any]:
@@ -365,7 +375,7 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
                                      quiet=quiet, todo=list(batch.paths), local_dir=target,
                                      before_start=mark_start, remember=remember)
         left = _finish_batch(store, task, plan, batch, tracker, target, result)
-        progress = batch_progress(batch, tracker)
+        progress = batch_progress(batch, tracker, plan.state.get(number))
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,
                     len(plan.batches), left, next_step(task.id, plan, left, number))
 
@@ -374,9 +384,18 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
                   tracker: FileTracker, target: Path, result: RunResult) -> list[int]:
     """Record the batch's outcome on the disk and in the plan; the task's state follows.
     Returns the batches not complete."""
+    from downloader import bytes_still_needed
+    from file_tracker import FileState
     from utils import now_iso
-    progress = batch_progress(batch, tracker)
     entry = plan.state.setdefault(batch.number, {"target": str(target)})
+    entry.pop("stopped", None)
+    if result.stop is not None:
+        open_paths = [p for p in batch.paths
+                      if tracker.status[p]["status"] != FileState.COMPLETED.value]
+        needed = sum(tracker.by_path[p].size for p in open_paths)
+        entry["stopped"] = {"reason": result.stop.value, "at": now_iso(), "partial_bytes":
+                            needed - bytes_still_needed(tracker, target, open_paths)}
+    progress = batch_progress(batch, tracker, entry)
     if progress["state"] == BatchState.COMPLETED:
         entry["completed_at"] = now_iso()
         if read_marker(target) is not None or target.exists():
@@ -408,7 +427,8 @@ def batch_rows(store: TaskStore, task: Task) -> list[dict[str, Any]]:
     for b in plan.batches:
         where = plan.state.get(b.number, {})
         target = plan.target_of(b.number)
-        rows.append({"batch": b.number, **batch_progress(b, tracker), "oversize": b.oversize,
+        rows.append({"batch": b.number, **batch_progress(b, tracker, where),
+                     "oversize": b.oversize,
                      "needed_space": b.needed_space, "first_path": b.first_path,
                      "last_path": b.last_path, "target": target,
                      "disk_id": where.get("disk_id"), "device": where.get("device"),
@@ -425,8 +445,9 @@ def format_batch_rows(task: Task, rows: list[dict[str, Any]]) -> str:
              f"{format_size(batch_capacity(task.available_space or 0, task.safety_margin or 0.0))}"]
     table = []
     for r in rows:
-        state = r["state"] + (f" (needs a {format_size(r['needed_space'])} disk)"
-                              if r["oversize"] and r["state"] != BatchState.COMPLETED else "")
+        state = r["state"] + (f" ({r['stopped']})" if r.get("stopped") else "")
+        state += (f" (needs a {format_size(r['needed_space'])} disk)"
+                  if r["oversize"] and r["state"] != BatchState.COMPLETED else "")
         where = "-"
         if r["target"]:
             where = (f"{r['target']} [disk {r['disk_id'] or '?'} on {r['mount_point']}]"

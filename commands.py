@@ -276,30 +276,22 @@ def cmd_list_datasets(args: Namespace, cfg: config.Config) -> int:
     return ExitStatus.OK
 
 
-def _live_tasks(metadata_dir: Path, status: str | None) -> list[Task]:
-    store = TaskStore(metadata_dir)
-    tasks = [store.live(t) for t in store.all().values()]
-    return [t for t in tasks if not status or t.status.value == status]
-
-
-def _task_table(metadata_dir: Path, status: str | None, as_json: bool) -> None:
-    store = TaskStore(metadata_dir)
-    tasks = _live_tasks(metadata_dir, status)
-    render.task_list(tasks, as_json, {t.id: _running_pid(store, t.id) for t in tasks})
-
-
 def cmd_list_tasks(args: Namespace, cfg: config.Config) -> int:
-    _task_table(cfg.metadata_dir, args.status, args.json)
+    from live_status import task_table, task_views
+    task_table(task_views(TaskStore(cfg.metadata_dir), args.status), args.json)
     return ExitStatus.OK
 
 
 def cmd_status(args: Namespace, cfg: config.Config) -> int:
-    if not args.task:
-        _task_table(cfg.metadata_dir, None, args.json)
+    """`status [TASK] [--watch [SECONDS]]`: --watch shows it again every SECONDS until the task
+    (or every task) stops running; Ctrl-C ends it too (130, as everywhere)."""
+    from live_status import status_frame, watch, watch_args
+    every, task = watch_args(args.watch, args.task)
+    task_id, store = normalize_id(task) if task else None, TaskStore(cfg.metadata_dir)
+    if every is None:
+        sys.stdout.write(status_frame(store, task_id, args.json)[0])
         return ExitStatus.OK
-    store = TaskStore(cfg.metadata_dir)
-    task = store.live(store.get(normalize_id(args.task)))
-    render.status(task, _running_pid(store, task.id), args.json)
+    watch(lambda: status_frame(store, task_id, args.json), every, sys.stdout)
     return ExitStatus.OK
 
 

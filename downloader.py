@@ -18,6 +18,7 @@ from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 
                      run_downloads)
 from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt_finished,
                           forget_missing, prune_removed)
+from progress import live_path
 from task_manager import StopReason, Task, TaskState, TaskStore, log_as
 from tools import choose_tool
 from utils import Partial, format_size, safe_join
@@ -170,10 +171,16 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet,
                                    on_tick=TaskTicker(store, task.id, tracker, stopper),
+                                   live=live_path(store.folder(task.id)),
                                    scope=[f.path for f in tracker.files] if todo is None else todo)
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
+    # the bytes kept in partials are done bytes too (never fetched again): a stopped run's
+    # summary shows what is on disk, as its last progress line did
+    summary = tracker.summary()
+    result.bytes_done += max(0, summary["bytes_total"] - summary["bytes_done"]
+                             - result.bytes_missing)
     return result
 
 

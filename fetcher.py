@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import queue
 import random
 import threading
@@ -22,7 +23,7 @@ from typing import Callable, TextIO
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker, check_file
 from hub_http import capped_wait
-from progress import Progress
+from progress import LivePublisher, Progress
 from task_manager import StopReason, TaskState
 from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
@@ -243,7 +244,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
         return
     backend = run.backend_for(job)
     prepare_partial(job, backend)
-    run.progress.file_started(f.path, job.partial.bytes_on_disk())
+    run.progress.file_started(f.path, job.partial.bytes_on_disk(), f.size)
     tracker.start(f.path)
     attempts = int(tracker.status[f.path].get("attempts") or 0)
     tries = 0
@@ -281,7 +282,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
                      error)
         _backoff(run.opts.retry_base, tries, stop)
     tracker.interrupted(f.path)
-    run.progress.file_dropped(f.path)
+    run.progress.file_dropped(f.path, job.partial.bytes_on_disk())
 
 
 def _backoff(base: float, tries: int, stop: threading.Event) -> None:
@@ -293,10 +294,11 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
                   token: str | None, opts: Options, tool: str, stopper: Stopper,
                   log: logging.Logger, stream: TextIO, quiet: bool = False,
                   on_tick: Callable[[], None] | None = None,
-                  scope: list[str] | None = None) -> RunResult:
+                  scope: list[str] | None = None, live: Path | None = None) -> RunResult:
     """Download the given files of a task with -j workers; returns when all are done or stopped.
     The progress counts `scope` (the whole task or batch; default: the files to fetch): its
-    files not being fetched count as done, so a resumed run shows 8/13 files, not 0/5."""
+    files not being fetched count as done, so a resumed run shows 8/13 files, not 0/5, and the
+    partial bytes of the files to fetch count as done too. `live`: the status file to publish."""
     started = time.monotonic()
     children = ChildSet()
     chosen = BACKENDS[tool](opts, children)
@@ -306,7 +308,9 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
     done_bytes = sum(tracker.by_path[p].size for p in done)
     total_bytes = done_bytes + sum(tracker.by_path[p].size for p in paths_todo)
     progress = Progress(len(done) + len(paths_todo), total_bytes, len(done), done_bytes, stream,
-                        opts.progress_interval, quiet)
+                        opts.progress_interval, quiet, kept=partial_bytes(tracker, local_dir,
+                                                                          paths_todo))
+    publisher = live_publisher(live, tracker, progress, scope or paths_todo)
     run = Run(tracker, local_dir, endpoint, token, opts, chosen, ranged, progress, stopper, log)
     work: queue.Queue[str] = queue.Queue()
     for p in paths_todo:
@@ -340,6 +344,8 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
             if time.monotonic() - logged >= opts.log_interval:    # the log is never silent
                 logged = time.monotonic()
                 log.info("%s", progress.line())
+            if publisher:
+                publisher.tick()
             _save_or_pause(tracker.maybe_save, stopper, log)
             if on_tick:
                 _save_or_pause(on_tick, stopper, log)     # it writes tasks.json
@@ -357,6 +363,8 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
             Partial.tidy(local_dir)
         progress.tick(force=True)
         progress.close()
+        if publisher:
+            publisher.close()
         for p in tracker.paths_in(FileState.DOWNLOADING):
             tracker.interrupted(p)
         _save_or_pause(tracker.save, stopper, log)
@@ -369,6 +377,31 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
                        bytes_done=after["bytes_done"], bytes_fetched=progress.fetched,
                        elapsed=time.monotonic() - started, failures=run.failures)
     return result
+
+
+def partial_bytes(tracker: FileTracker, local_dir: Path, paths: list[str]) -> dict[str, int]:
+    """The bytes already in the partials of `paths` (one stat each), by path."""
+    kept = {}
+    for p in paths:
+        f = tracker.by_path[p]
+        have = Partial(local_dir, f.path, f.expected_hash).bytes_on_disk()
+        if have:
+            kept[p] = have
+    return kept
+
+
+def live_publisher(path: Path | None, tracker: FileTracker, progress: Progress,
+                   scope: list[str]) -> LivePublisher | None:
+    """The status file's writer; the task's completed files outside the scope count too."""
+    if path is None:
+        return None
+    inside = set(scope)
+    outside = [f for f in tracker.files if f.path not in inside
+               and tracker.status[f.path]["status"] == FileState.COMPLETED.value]
+    summary = tracker.summary()
+    return LivePublisher(path, progress.snapshot, pid=os.getpid(),
+                         base_bytes=sum(f.size for f in outside), base_files=len(outside),
+                         task_bytes=summary["bytes_total"], task_files=summary["files_total"])
 
 
 def _save_or_pause(save: Callable[[], object], stopper: Stopper, log: logging.Logger) -> bool:

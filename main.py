@@ -228,6 +228,10 @@ def build_parser() -> Parser:
 
     p = add("status", "progress of one task, or of all tasks")
     p.add_argument("task", nargs="?", help="task id (e.g. task_001)")
+    p.add_argument("--watch", nargs="?", const="2", default=None,
+                   metavar="SECONDS", help="show it again every SECONDS (default 2) until the "
+                                           "task stops running: in place on a terminal, a line "
+                                           "per interval otherwise")
     _json_arg(p)
 
     p = add("task-detail", "one task with its files")

@@ -9,7 +9,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from utils import format_size
+from utils import format_duration, format_size
 
 if TYPE_CHECKING:
     from batch_manager import BatchRun
@@ -63,9 +63,41 @@ def task_row(t: Task) -> dict[str, Any]:
                                        "bytes_total", "tool", "created_at", "updated_at")}
 
 
-def _pct(t: Task) -> str:
+def live_fields(t: Task, live: dict[str, Any] | None) -> dict[str, Any]:
+    """The live keys of status/list-tasks --json: from the running process's status file when
+    the task runs, else the recorded counters (bytes of finished files, no speed)."""
+    if not live:
+        return {"live": False, "bytes_on_disk": t.bytes_done, "speed_bps": None,
+                "eta_seconds": None, "last_byte_at": None, "in_flight": []}
+    return {"live": True, **{k: live.get(k) for k in (
+        "bytes_on_disk", "speed_bps", "eta_seconds", "last_byte_at", "in_flight", "updated_at")}}
+
+
+def _done_bytes(t: Task, live: dict[str, Any] | None) -> int:
+    return int(live.get("bytes_on_disk") or 0) if live else t.bytes_done
+
+
+def _pct(t: Task, live: dict[str, Any] | None = None) -> str:
     total = t.bytes_total
-    return f"{100.0 * t.bytes_done / total:5.1f}%" if total else "  -  "
+    return f"{100.0 * _done_bytes(t, live) / total:5.1f}%" if total else "  -  "
+
+
+def _speed(live: dict[str, Any]) -> str:
+    return (f"{format_size(live.get('speed_bps') or 0)}/s, "
+            f"ETA {format_duration(live.get('eta_seconds'))}")
+
+
+def status_line(t: Task, live: dict[str, Any] | None) -> str:
+    """One line per interval of `status --watch` off a terminal (cron, a pipe, a log)."""
+    line = (f"{t.id} {t.status.value}: {format_size(_done_bytes(t, live))} / "
+            f"{format_size(t.bytes_total)} ({_pct(t, live).strip()})")
+    if live:
+        line += (f", {live.get('files_done', t.files_done)}/{t.files_total} files, "
+                 f"{_speed(live)}, {len(live.get('in_flight') or [])} in flight, "
+                 f"last byte {live.get('last_byte_at') or 'none yet'}")
+    else:
+        line += f", {t.files_done}/{t.files_total} files" + (f" ({t.reason})" if t.reason else "")
+    return line
 
 
 def _filters(t: Task) -> str:
@@ -74,31 +106,40 @@ def _filters(t: Task) -> str:
 
 
 def task_list(tasks: list[Task], as_json: bool,
-              running: dict[str, int | None] | None = None) -> None:
-    """Tasks, each with a second line telling tasks of one repo apart: folder, revision, filters."""
-    running = running or {}
+              running: dict[str, int | None] | None = None,
+              lives: dict[str, dict[str, Any] | None] | None = None) -> None:
+    """Tasks, each with a second line telling tasks of one repo apart: folder, revision, filters;
+    a running task shows its live bytes (partials included), speed and ETA."""
+    running, lives = running or {}, lives or {}
     if as_json:
-        out_json([{**task_row(t), "running_pid": running.get(t.id)} for t in tasks])
+        out_json([{**task_row(t), "running_pid": running.get(t.id),
+                   **live_fields(t, lives.get(t.id))} for t in tasks])
         return
     if not tasks:
         out("no tasks")
         return
     out(f"{'TASK':9} {'STATUS':10} {'DONE':>6} {'FILES':>11} {'SIZE':>11}  REPO")
     for t in tasks:
-        out(f"{t.id:9} {t.status.value:10} {_pct(t):>6} "
-            f"{t.files_done:>5}/{t.files_total:<5} "
+        live = lives.get(t.id)
+        out(f"{t.id:9} {t.status.value:10} {_pct(t, live):>6} "
+            f"{live.get('files_done', t.files_done) if live else t.files_done:>5}/"
+            f"{t.files_total:<5} "
             f"{format_size(t.bytes_total):>11}  {t.repo_id}"
             + (" (dataset)" if t.repo_type == "dataset" else "")
             + (f" @ {t.revision}" if t.revision and t.revision != "main" else ""))
         details = [f"-> {t.local_dir}"] + ([_filters(t)] if t.include or t.exclude else [])
         if running.get(t.id):
             details.append(f"PID {running[t.id]}")
+        if live:
+            details.append(f"{format_size(_done_bytes(t, live))} on disk, {_speed(live)}")
         out(" " * 10 + "  ".join(details))
 
 
-def status(task: Task, running_pid: int | None, as_json: bool) -> None:
-    """One task (as TaskStore.live sees it) and the process running it, if any."""
-    row = {**task_row(task), "running_pid": running_pid}
+def status(task: Task, running_pid: int | None, as_json: bool,
+           live: dict[str, Any] | None = None) -> None:
+    """One task (as TaskStore.live sees it) and the process running it, if any; `live`: the
+    running process's status file (bytes with partials, speed, ETA, files in flight)."""
+    row = {**task_row(task), "running_pid": running_pid, **live_fields(task, live)}
     if as_json:
         out_json(row)
         return
@@ -106,9 +147,20 @@ def status(task: Task, running_pid: int | None, as_json: bool) -> None:
     out(f"  repo:   {task.repo_type} {task.repo_id} @ {task.revision} "
         f"({str(task.commit)[:12]})")
     out(f"  folder: {task.local_dir}")
-    out(f"  files:  {task.files_done}/{task.files_total} done, {task.files_failed} failed")
-    out(f"  bytes:  {format_size(task.bytes_done)} / "
-        f"{format_size(task.bytes_total)} ({_pct(task).strip()})")
+    done = live.get("files_done", task.files_done) if live else task.files_done
+    out(f"  files:  {done}/{task.files_total} done, {task.files_failed} failed")
+    out(f"  bytes:  {format_size(_done_bytes(task, live))} / "
+        f"{format_size(task.bytes_total)} ({_pct(task, live).strip()})"
+        + (" on disk, partial files included" if live else ""))
+    if live:
+        out(f"  speed:  {format_size(live.get('speed_bps') or 0)}/s over the last minute, "
+            f"ETA {format_duration(live.get('eta_seconds'))}; last byte at "
+            f"{live.get('last_byte_at') or 'none yet'}")
+        flying = live.get("in_flight") or []
+        out(f"  in flight: {len(flying)} files")
+        for f in flying[:10]:
+            out(f"    {format_size(f.get('bytes') or 0):>11} / {format_size(f.get('size') or 0):<11}"
+                f" {f.get('path')}")
     if running_pid:
         out(f"  running in PID {running_pid}")
 
