@@ -150,6 +150,8 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     report_refused(listing)
     _require_files(listing, repo)
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    if cfg.get("hf_cache"):
+        local_dir = _cache_snapshot(args, cfg, repo, listing.commit)
     if args.dry_run:
         render.file_listing(listing, files_on_disk(listing.files, local_dir), local_dir,
                             args.json)
@@ -162,12 +164,26 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        endpoint=endpoint, token=token, opts=opts,
                                        reserve=cfg.get("disk_reserve"), log=log,
                                        stream=sys.stderr, quiet=args.quiet)
+    import hf_cache
+    if hf_cache.is_snapshot(local_dir) and outcome.result.status is TaskState.COMPLETED:
+        hf_cache.write_ref(local_dir, repo.revision, listing.commit)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
     if args.quiet and not args.json:      # DIR=$(python main.py download REPO -q)
         render.quiet_result(outcome.task.id, outcome.result, local_dir)
         return report_exit(outcome.task.id, outcome.result)
     return report_result(outcome.task, outcome.result, args.json)
+
+
+def _cache_snapshot(args: Namespace, cfg: config.Config, repo: Any, commit: str) -> Path:
+    """--hf-cache: the snapshot folder of the commit in the hub cache (not with --local-dir)."""
+    import hf_cache
+    if args.local_dir and cfg.source("hf_cache") == "flag":
+        raise UsageError("--hf-cache and --local-dir name two targets",
+                         hint="give one: the cache layout, or a plain folder")
+    if args.local_dir:       # the environment's cache mode yields to an explicit folder
+        return target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    return hf_cache.snapshot_dir(Path(cfg.get("hf_cache")), repo.repo_id, repo.repo_type, commit)
 
 
 # Files up to this size are hashed by --dry-run; bigger ones are checked by size only (cheap).

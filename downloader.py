@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
+import hf_cache
 from file_tracker import FileState, FileTracker, SyncReport, adopt_finished, forget_missing
 from task_manager import StopReason, Task, TaskState, TaskStore
 from tools import choose_tool
@@ -116,7 +117,13 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
     import system_monitor
     tool = choose_tool(opts.tool)
     local_dir = Path(local_dir or task.local_dir)
+    cache = hf_cache.is_snapshot(local_dir)
+    if cache:      # a blob already in the cache is linked here, then checked by the adoption
+        hf_cache.link_snapshot(tracker.files, set(tracker.paths_in(FileState.COMPLETED)),
+                               local_dir, log)
     work = plan_work(tracker, local_dir, todo)
+    if cache:
+        hf_cache.unlink_unchecked(local_dir, work.todo)
     if work.adopted:
         log.info("%s: %d files found complete on disk", task.id, work.adopted)
     if work.missing:
@@ -145,12 +152,17 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
     result = RunResult(status=TaskState.COMPLETED, tool=tool)
     with stop_signals(stopper), system_monitor.DiskGuard(local_dir, reserve, interval=2.0,
                                                          on_low=on_low):
-        if work.todo:
-            result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
+        fetch = hf_cache.one_per_blob(tracker.by_path, work.todo) if cache else work.todo
+        if fetch:
+            result = run_downloads(tracker, fetch, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet,
                                    on_tick=TaskTicker(store, task.id, tracker, stopper),
                                    scope=[f.path for f in tracker.files] if todo is None else todo)
+        if cache:      # the files fetched become blobs; the ones sharing them are linked too
+            hf_cache.link_snapshot(tracker.files, set(tracker.paths_in(FileState.COMPLETED)),
+                                   local_dir, log)
+            adopt_finished(tracker, local_dir, [p for p in work.todo if p not in set(fetch)])
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))

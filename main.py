@@ -209,6 +209,9 @@ def build_parser() -> Parser:
                    help="only these files (exact repo paths, as in 'hf download gpt2 config.json')")
     _tool_args(p)
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+    p.add_argument("--hf-cache", nargs="?", const="1", metavar="DIR",
+                   help="into the Hugging Face hub cache at DIR (default: the one huggingface_hub "
+                        "uses), where transformers, diffusers and vLLM find it offline")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
                    help="delete local files that the new commit removed")
@@ -378,7 +381,8 @@ def load_settings(args: argparse.Namespace) -> config.Config:
              "logs_dir": args.logs_dir, "endpoint": getattr(args, "endpoint", None),
              "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
              "disk_warn_percent": getattr(args, "disk_warn_percent", None),
-             "no_mirror": True if getattr(args, "no_mirror", False) else None}
+             "no_mirror": True if getattr(args, "no_mirror", False) else None,
+             "hf_cache": getattr(args, "hf_cache", None)}
     return config.load_config(flags)
 
 

@@ -1,0 +1,148 @@
+"""The Hugging Face hub cache layout (`download --hf-cache`): where a repo's snapshot, blobs and
+refs live, and turning the files of a finished download into blobs with relative symlinks.
+
+A cache-mode task downloads into `<cache>/models--ORG--NAME/snapshots/<commit>/` like any
+other folder (partials, checks and promotion as usual); each file at its final name is then
+moved to `blobs/<etag>` (sha256 for LFS files, the git blob sha1 for the others) and replaced
+by a relative symlink to it. The names come from huggingface_hub's own helpers, so the layout
+follows the library that transformers, diffusers and vLLM load from.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from dataset_manager import RemoteFile
+from utils import UnsafePathError, safe_join, safe_target
+
+REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def default_cache() -> Path:
+    """The cache huggingface_hub itself uses (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache)."""
+    from huggingface_hub import constants
+    return Path(os.path.abspath(os.path.expanduser(constants.HF_HUB_CACHE)))
+
+
+def repo_folder(cache: Path, repo_id: str, repo_type: str) -> Path:
+    """<cache>/models--ORG--NAME (datasets--, spaces--), named by huggingface_hub."""
+    from huggingface_hub.file_download import repo_folder_name
+    return Path(cache) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+
+
+def snapshot_dir(cache: Path, repo_id: str, repo_type: str, commit: str) -> Path:
+    """The folder a cache-mode task downloads into: the snapshot of one commit."""
+    return repo_folder(cache, repo_id, repo_type) / "snapshots" / commit
+
+
+def is_snapshot(local_dir: Path) -> bool:
+    """Is this task folder a snapshot of the hub cache (so its files become blobs + symlinks)?"""
+    local_dir = Path(local_dir)
+    return (local_dir.parent.name == "snapshots"
+            and local_dir.parent.parent.name.startswith(REPO_PREFIXES))
+
+
+def blob_path(local_dir: Path, f: RemoteFile) -> Path:
+    """blobs/<etag> of a snapshot's file (the etag the Hub sends: what huggingface_hub names
+    blobs by)."""
+    return Path(local_dir).parent.parent / "blobs" / f.expected_hash
+
+
+def symlinks_supported(local_dir: Path) -> bool:
+    """Whether the cache's filesystem takes symlinks (huggingface_hub's own probe, which also
+    honours HF_HUB_DISABLE_SYMLINKS)."""
+    from huggingface_hub.file_download import are_symlinks_supported
+    return are_symlinks_supported(Path(local_dir).parent.parent)
+
+
+def write_ref(local_dir: Path, revision: str, commit: str) -> None:
+    """refs/<revision> holds the commit, when the revision is a name (as huggingface_hub does:
+    nothing for the commit itself)."""
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
+    _cache_commit_hash_for_specific_revision(str(Path(local_dir).parent.parent), revision, commit)
+
+
+def _link(blob: Path, final: Path) -> None:
+    """final -> relative path to blob, atomically (a temp name, then os.replace)."""
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.hfdl-link")
+    os.symlink(os.path.relpath(blob, final.parent), tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "absent"
+    return "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def link_snapshot(files: Iterable[RemoteFile], done: set[str], local_dir: Path,
+                  log: logging.Logger) -> int:
+    """Make the snapshot point into blobs/: each completed file (`done`) still a regular file
+    is moved to its blob and replaced by a symlink; each other file whose blob is already
+    there with the right size gets its symlink (the run's adoption then checks its hash).
+    Without symlink support (some network filesystems) files stay real files, as
+    huggingface_hub leaves them. Returns how many links were made."""
+    local_dir = Path(local_dir)
+    if not symlinks_supported(local_dir):
+        return 0
+    made = 0
+    for f in files:
+        try:
+            final = safe_target(local_dir, f.path)
+        except (UnsafePathError, ValueError):
+            continue
+        blob = blob_path(local_dir, f)
+        kind = _kind(final)
+        if kind == "file" and f.path in done:
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, blob)            # a file at its final name is whole and checked
+        elif kind != "absent" or _size(blob) != f.size:
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _link(blob, final)
+        made += 1
+    if made:
+        log.info("%s: %d files linked to their blobs", local_dir, made)
+    return made
+
+
+def _size(path: Path) -> int | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def unlink_unchecked(local_dir: Path, paths: Iterable[str]) -> None:
+    """Links to blobs that failed their check (still to fetch): removed, so the download
+    writes its own file there (nothing is written through a symlink)."""
+    for path in paths:
+        final = safe_join(Path(local_dir), path)
+        if _kind(final) == "link":
+            os.unlink(final)
+
+
+def one_per_blob(files: dict[str, RemoteFile], todo: list[str]) -> list[str]:
+    """The files to fetch when several share a blob: the first of each (the others are linked
+    to it afterwards)."""
+    seen: set[str] = set()
+    first = []
+    for path in todo:
+        etag = files[path].expected_hash
+        if etag not in seen:
+            seen.add(etag)
+            first.append(path)
+    return first

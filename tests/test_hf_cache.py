@@ -1,0 +1,186 @@
+"""`download --hf-cache`: the repo lands in the Hugging Face hub cache layout, and the proof is
+huggingface_hub itself, run offline in a subprocess against that cache (issue 13)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakehub import Content, FakeHub, content_bytes
+from tests.helpers import Cli, error_lines
+
+FILES = {
+    "config.json": b'{"model_type": "gpt2"}',
+    "model.safetensors": Content(300_000, seed=3),
+    "copy/model.safetensors": Content(300_000, seed=3),      # shares the first one's blob
+    "tokenizer/vocab.txt": b"a\nb\nc\n",
+}
+
+PROBE = r"""
+import json, os, sys
+from huggingface_hub import snapshot_download, hf_hub_download, try_to_load_from_cache, scan_cache_dir
+repo, repo_type, revision, files = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+out = {"snapshot": snapshot_download(repo, repo_type=repo_type, revision=revision,
+                                     local_files_only=True)}
+out["files"] = {f: hf_hub_download(repo, f, repo_type=repo_type, revision=revision,
+                                   local_files_only=True) for f in files}
+out["cached"] = {f: try_to_load_from_cache(repo, f, repo_type=repo_type, revision=revision)
+                 for f in files}
+info = scan_cache_dir()
+out["warnings"] = [str(w) for w in info.warnings]
+out["repos"] = [{"id": r.repo_id, "type": r.repo_type, "size": r.size_on_disk,
+                 "revisions": sorted((rev.commit_hash, sorted(rev.refs), rev.nb_files)
+                                     for rev in r.revisions)} for r in info.repos]
+print(json.dumps(out))
+"""
+
+
+def probe(cache: Path, repo: str, repo_type: str, revision: str, files: list[str]) -> dict[str, Any]:
+    """What huggingface_hub, offline, finds in the cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HOME=str(cache.parent / "hf-home-probe"))
+    r = subprocess.run([sys.executable, "-c", PROBE, repo, repo_type, revision, json.dumps(files)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def verify(cache: Path, repo: str, repo_type: str, revision: str, endpoint: str) -> str:
+    """`hf cache verify`: every cached file checked against the Hub's checksums."""
+    hf = Path(sys.executable).with_name("hf")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HOME=str(cache.parent / "hf-home-probe"))
+    r = subprocess.run([str(hf), "cache", "verify", repo, "--repo-type", repo_type,
+                        "--revision", revision, "--fail-on-extra-files"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "All checksums match" in r.stdout, r.stdout
+    return r.stdout + r.stderr
+
+
+def sizes(files: dict[str, Any]) -> int:
+    return sum(len(content_bytes(d)) if not isinstance(d, bytes) else len(d) for d in files.values())
+
+
+def test_model_in_the_cache_is_found_offline_by_huggingface_hub(cli: Cli, hub: FakeHub,
+                                                                 tmp_path: Path) -> None:
+    commit = hub.add_repo("org/model", FILES)
+    cache = tmp_path / "cache"
+    r = cli("download", "org/model", "--hf-cache", str(cache), "--tool", "python")
+    assert r.code == 0, r.text
+    folder = cache / "models--org--model"
+    snapshot = folder / "snapshots" / commit
+    assert (folder / "refs" / "main").read_text() == commit
+    for path in FILES:
+        link = snapshot / path
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link)), path
+        assert os.path.realpath(link).startswith(str(folder / "blobs")), path
+    assert hub.file_downloads("model.safetensors") + hub.file_downloads("copy/model.safetensors") == 1
+    assert len(list((folder / "blobs").iterdir())) == 3          # the shared blob once
+    assert not (snapshot / ".hfdl").exists()
+
+    found = probe(cache, "org/model", "model", "main", list(FILES))
+    assert found["snapshot"] == str(snapshot)
+    for path in FILES:
+        assert found["files"][path] == str(snapshot / path)
+        assert found["cached"][path] == str(snapshot / path)
+    assert found["warnings"] == []
+    blob_bytes = sizes({k: v for k, v in FILES.items() if k != "copy/model.safetensors"})
+    assert found["repos"] == [{"id": "org/model", "type": "model", "size": blob_bytes,
+                               "revisions": [[commit, ["main"], len(FILES)]]}]
+    assert f"checked: {len(FILES)}" in verify(cache, "org/model", "model", commit, hub.url)
+
+    # the same command again: nothing fetched, still the same layout
+    hub.reset_log()
+    r = cli("download", "org/model", "--hf-cache", str(cache), "-q")
+    assert r.code == 0 and r.out.strip() == str(snapshot), r.text
+    assert sum(hub.file_downloads(p) for p in FILES) == 0
+
+
+def test_dataset_with_include_and_a_second_revision_sharing_blobs(cli: Cli, hub: FakeHub,
+                                                                   tmp_path: Path) -> None:
+    data = {"data/train.parquet": Content(200_000, seed=5), "data/test.parquet": b"t" * 5000,
+            "README.md": b"# data\n", "extra/big.parquet": Content(100_000, seed=9)}
+    first = hub.add_repo("org/data", data, repo_type="dataset")
+    hub.add_tag("org/data", "v1", repo_type="dataset")
+    second = hub.add_commit("org/data", {"README.md": b"# data, v2\n"}, repo_type="dataset")
+    cache = tmp_path / "cache"
+    env = {"HFDL_HF_CACHE": str(cache)}
+    r = cli("download", "org/data", "--dataset", "--revision", "v1", "--include", "data/*",
+            "README.md", "--tool", "python", env=env)
+    assert r.code == 0, r.text
+    hub.reset_log()
+    r = cli("download", "org/data", "--dataset", "--include", "data/*", "README.md",
+            "--tool", "python", env=env)
+    assert r.code == 0, r.text
+    # only the changed README was fetched for the second commit: the data blobs are shared
+    assert hub.file_downloads("README.md") == 1
+    assert hub.file_downloads("data/train.parquet") == hub.file_downloads("data/test.parquet") == 0
+    folder = cache / "datasets--org--data"
+    assert (folder / "refs" / "v1").read_text() == first
+    assert (folder / "refs" / "main").read_text() == second
+    wanted = ["data/train.parquet", "data/test.parquet", "README.md"]
+    for revision, commit in (("v1", first), ("main", second)):
+        found = probe(cache, "org/data", "dataset", revision, wanted)
+        snapshot = folder / "snapshots" / commit
+        assert found["snapshot"] == str(snapshot)
+        assert found["files"] == {p: str(snapshot / p) for p in wanted}
+        assert not (snapshot / "extra").exists()
+    repos = found["repos"]
+    assert len(repos) == 1 and repos[0]["type"] == "dataset"
+    assert repos[0]["size"] == 200_000 + 5000 + len(b"# data\n") + len(b"# data, v2\n")
+    assert repos[0]["revisions"] == sorted([[first, ["v1"], 3], [second, ["main"], 3]])
+    verify(cache, "org/data", "dataset", second, hub.url)
+
+
+def test_a_blob_already_in_the_cache_is_checked_and_reused(cli: Cli, hub: FakeHub,
+                                                           tmp_path: Path) -> None:
+    commit = hub.add_repo("org/model", FILES)
+    cache = tmp_path / "cache"
+    assert cli("download", "org/model", "--hf-cache", str(cache)).code == 0
+    folder = cache / "models--org--model"
+    snapshot = folder / "snapshots" / commit
+    # a damaged blob and a lost link: the blob is fetched again, the link remade
+    blob = Path(os.path.realpath(snapshot / "tokenizer/vocab.txt"))
+    blob.write_bytes(b"x\ny\nz\n")
+    (snapshot / "config.json").unlink()
+    cli("clean", "--all")
+    hub.reset_log()
+    r = cli("download", "org/model", "--hf-cache", str(cache), "--tool", "python")
+    assert r.code == 0, r.text
+    assert hub.file_downloads("tokenizer/vocab.txt") == 1
+    assert hub.file_downloads("config.json") == 0
+    assert hub.file_downloads("model.safetensors") == 0
+    assert (snapshot / "tokenizer/vocab.txt").read_bytes() == b"a\nb\nc\n"
+    assert (snapshot / "config.json").is_symlink()
+
+
+def test_default_cache_is_huggingface_hubs_and_local_dir_conflicts(cli: Cli, hub: FakeHub,
+                                                                   tmp_path: Path) -> None:
+    commit = hub.add_repo("org/model", {"config.json": b"{}"})
+    hub_cache = tmp_path / "hub-cache"
+    r = cli("download", "org/model", "--hf-cache", env={"HF_HUB_CACHE": str(hub_cache)})
+    assert r.code == 0, r.text
+    assert (hub_cache / "models--org--model" / "snapshots" / commit / "config.json").is_symlink()
+    r = cli("download", "org/model", "--hf-cache", str(hub_cache), "--local-dir",
+            str(tmp_path / "x"))
+    assert r.code == 2 and "--hf-cache and --local-dir" in error_lines(r)[0]
+    r = cli("config")
+    assert "hf_cache" in r.out
+
+
+@pytest.mark.parametrize("value", ["1", "on"])
+def test_env_setting_one_means_the_librarys_cache(cli: Cli, hub: FakeHub, tmp_path: Path,
+                                                  value: str) -> None:
+    hub.add_repo("org/model", {"config.json": b"{}"})
+    r = cli("download", "org/model", "-q",
+            env={"HFDL_HF_CACHE": value, "HF_HOME": str(tmp_path / "home")})
+    assert r.code == 0, r.text
+    assert r.out.strip().startswith(str(tmp_path / "home" / "hub" / "models--org--model"))
