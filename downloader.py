@@ -163,6 +163,10 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
             hf_cache.link_snapshot(tracker.files, set(tracker.paths_in(FileState.COMPLETED)),
                                    local_dir, log)
             adopt_finished(tracker, local_dir, [p for p in work.todo if p not in set(fetch)])
+        else:          # what `hf download --local-dir` keeps, so it finds these files current
+            hf_cache.record_local_metadata(local_dir, tracker.folder, tracker.meta["commit"],
+                                           tracker.by_path, tracker.paths_in(FileState.COMPLETED),
+                                           work.todo, log)
     result = finish_task(store, task, tracker, result, stopper, log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))

@@ -470,7 +470,7 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
     """Remove the task's files (and partials) from disk, then the folders left empty. Only
     files still as downloaded are deleted (local_dir comes from metadata a user can edit, and
     files may have been changed since): the others are kept and listed."""
-    removed, kept = 0, []
+    removed, kept, gone = 0, [], []
     folders = set()
     for f in tracker.files:
         try:
@@ -485,8 +485,11 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
         if _unchanged(final, f):
             final.unlink()
             removed += 1
+            gone.append(f.path)
         elif os.path.lexists(final):
             kept.append(f.path)
+    import hf_cache
+    hf_cache.remove_local_metadata(local_dir, gone)      # hf download --local-dir's records
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         while folder != local_dir and folder.is_dir():
             try:

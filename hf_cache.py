@@ -146,3 +146,67 @@ def one_per_blob(files: dict[str, RemoteFile], todo: list[str]) -> list[str]:
             seen.add(etag)
             first.append(path)
     return first
+
+
+# ---------------------------------------------------------------- hf download --local-dir
+
+LOCAL_META_MARK = "hf_local_metadata.json"      # in the task folder: the commit last recorded
+
+
+def record_local_metadata(local_dir: Path, task_folder: Path, commit: str,
+                          files: dict[str, RemoteFile], completed: list[str],
+                          fresh: Iterable[str], log: logging.Logger) -> int:
+    """Write the `.cache/huggingface/download/<path>.metadata` files `hf download --local-dir`
+    keeps (commit, etag, timestamp; huggingface_hub's own writer), so that it and
+    snapshot_download(local_dir=...) see our files as up to date and fetch nothing.
+
+    `fresh` (files this run completed) are always recorded; all completed files present on
+    disk when the commit differs from the one last recorded for the task (a new commit, or a
+    task from before these files), so a finished resume costs nothing. Returns how many."""
+    from huggingface_hub._local_folder import write_download_metadata
+    from utils import MetadataError, read_json, write_json_atomic
+    mark = Path(task_folder) / LOCAL_META_MARK
+    try:
+        last = read_json(mark, default={}).get("commit")
+    except MetadataError:       # unreadable: record everything once more
+        last = None
+    done = set(completed)
+    paths = [p for p in fresh if p in done]
+    if last != commit:
+        paths = [p for p in completed if _size(safe_join(Path(local_dir), p)) is not None]
+    written = 0
+    for path in paths:
+        try:
+            write_download_metadata(Path(local_dir), path, commit, files[path].expected_hash)
+            written += 1
+        except (OSError, ValueError) as exc:      # a convenience for hf: never fails a download
+            log.warning("cannot write hf's metadata for %s: %s", path, exc)
+    with contextlib.suppress(OSError):
+        write_json_atomic(mark, {"schema_version": 1, "commit": commit})
+    return written
+
+
+def remove_local_metadata(local_dir: Path, paths: Iterable[str]) -> None:
+    """Remove hf's metadata of files deleted from local_dir (clean --delete-files), and its
+    folder once it only holds hf's bookkeeping (.gitignore, CACHEDIR.TAG)."""
+    root = Path(local_dir) / ".cache" / "huggingface"
+    for path in paths:
+        meta = safe_join(root / "download", path + ".metadata")
+        for p in (meta, meta.with_suffix(".lock")):
+            with contextlib.suppress(OSError):
+                safe_target(Path(local_dir), os.path.relpath(p, local_dir)).unlink()
+    try:
+        safe_target(Path(local_dir), ".cache/huggingface/download")
+    except (UnsafePathError, ValueError):
+        return
+    for folder, _dirs, _files in os.walk(root / "download", topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    if os.path.lexists(root / "download"):
+        return
+    for name in (".gitignore", ".gitignore.lock", "CACHEDIR.TAG"):
+        with contextlib.suppress(OSError):
+            os.unlink(root / name)
+    for folder in (root, root.parent):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

@@ -184,3 +184,79 @@ def test_env_setting_one_means_the_librarys_cache(cli: Cli, hub: FakeHub, tmp_pa
             env={"HFDL_HF_CACHE": value, "HF_HOME": str(tmp_path / "home")})
     assert r.code == 0, r.text
     assert r.out.strip().startswith(str(tmp_path / "home" / "hub" / "models--org--model"))
+
+
+# ---------------------------------------------------------------- hf download --local-dir
+
+def hf_download(hub: FakeHub, tmp_path: Path, repo: str, local_dir: Path,
+                *extra: str) -> subprocess.CompletedProcess:
+    hf = Path(sys.executable).with_name("hf")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
+               HF_HOME=str(tmp_path / "hf-home-cli"))
+    r = subprocess.run([str(hf), "download", repo, "--local-dir", str(local_dir), *extra],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def listing_only(hub: FakeHub) -> bool:
+    """Since the log was reset, the Hub saw the listing (repo info, tree) and nothing else
+    about the repo: no HEAD, no file (the CLI's own /api/agent-harnesses call aside)."""
+    seen = [f"{r.method} {r.kind} {r.path.split('?')[0]}" for r in hub.records()
+            if "agent-harnesses" not in r.path]
+    kinds = {s.rsplit("/", 1)[0] for s in seen}
+    return "GET api /api/models/org/model/revision" in kinds and kinds <= {
+        "GET api /api/models/org/model/revision", "GET api /api/models/org/model/tree"}
+
+
+def test_hf_download_over_our_local_dir_fetches_only_the_listing(cli: Cli, hub: FakeHub,
+                                                                 tmp_path: Path) -> None:
+    commit = hub.add_repo("org/model", FILES)
+    target = tmp_path / "target"
+    assert cli("download", "org/model", "--local-dir", str(target)).code == 0
+    meta = target / ".cache/huggingface/download/tokenizer/vocab.txt.metadata"
+    lines = meta.read_text().splitlines()
+    assert lines[:2] == [commit, hub.file_info("org/model", "tokenizer/vocab.txt").oid]
+    hub.reset_log()
+    hf_download(hub, tmp_path, "org/model", target)
+    assert listing_only(hub), hub.records()
+    # hf's library sees them current too
+    code = ("import sys; from huggingface_hub import snapshot_download; "
+            "print(snapshot_download('org/model', local_dir=sys.argv[1]))")
+    hub.reset_log()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "h"))
+    r = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert listing_only(hub), hub.records()
+
+
+def test_files_hf_download_left_are_adopted_without_a_refetch(cli: Cli, hub: FakeHub,
+                                                              tmp_path: Path) -> None:
+    hub.add_repo("org/model", FILES)
+    target = tmp_path / "target"
+    hf_download(hub, tmp_path, "org/model", target)
+    hub.reset_log()
+    r = cli("download", "org/model", "--local-dir", str(target), "--tool", "python")
+    assert r.code == 0, r.text
+    assert sum(hub.file_downloads(p) for p in FILES) == 0
+    st = json.loads(cli("status", "task_001", "--json").out)
+    assert st["files_done"] == len(FILES)
+    # a file hf left that changed since is checked, and fetched again
+    (target / "config.json").write_bytes(b'{"model_type": "bert"}')
+    cli("clean", "--all")
+    hub.reset_log()
+    assert cli("download", "org/model", "--local-dir", str(target)).code == 0
+    assert hub.file_downloads("config.json") == 1
+    assert (target / "config.json").read_bytes() == FILES["config.json"]
+
+
+def test_clean_delete_files_removes_our_hf_metadata(cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/model", FILES)
+    target = tmp_path / "target"
+    assert cli("download", "org/model", "--local-dir", str(target)).code == 0
+    assert (target / ".cache/huggingface").is_dir()
+    assert cli("clean", "--delete-files").code == 0
+    assert not target.exists()
