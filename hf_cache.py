@@ -207,6 +207,6 @@ def remove_local_metadata(local_dir: Path, paths: Iterable[str]) -> None:
     for name in (".gitignore", ".gitignore.lock", "CACHEDIR.TAG"):
         with contextlib.suppress(OSError):
             os.unlink(root / name)
-    for folder in (root, root.parent):
+    for empty in (root, root.parent):
         with contextlib.suppress(OSError):
-            os.rmdir(folder)
+            os.rmdir(empty)
