@@ -15,7 +15,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from dataset_manager import RemoteFile
 from utils import UnsafePathError, safe_join, safe_target
@@ -210,3 +210,68 @@ def remove_local_metadata(local_dir: Path, paths: Iterable[str]) -> None:
     for empty in (root, root.parent):
         with contextlib.suppress(OSError):
             os.rmdir(empty)
+
+
+# ---------------------------------------------------------------- clean --delete-files
+
+def _links_into(folder: Path, blobs: Path, skip: Path) -> set[str]:
+    """The blob names the other snapshots of a repo point to (`skip`: the one being removed)."""
+    used: set[str] = set()
+    for snap in (folder / "snapshots").iterdir() if (folder / "snapshots").is_dir() else ():
+        if snap == skip:
+            continue
+        for dirpath, _dirs, names in os.walk(snap):
+            for name in names:
+                p = os.path.join(dirpath, name)
+                if os.path.islink(p):
+                    target = os.path.realpath(p)
+                    if os.path.dirname(target) == os.path.realpath(blobs):
+                        used.add(os.path.basename(target))
+    return used
+
+
+def delete_snapshot(local_dir: Path, files: Iterable[RemoteFile],
+                    unchanged: Callable[[Path, RemoteFile], bool]) -> tuple[int, list[str]]:
+    """clean --delete-files of a cache-mode task: its snapshot's links (and files, where the
+    filesystem has no symlinks), then the blobs no other snapshot uses, the refs naming this
+    commit, and the folders left empty. A blob (or file) changed since the download is kept
+    and listed, as `unchanged` says. Returns (files removed, paths kept)."""
+    local_dir = Path(local_dir)
+    folder, blobs = local_dir.parent.parent, local_dir.parent.parent / "blobs"
+    removed, kept, ours = 0, [], {}
+    for f in files:
+        path = safe_join(local_dir, f.path)
+        kind = _kind(path)
+        if kind == "link" and os.path.realpath(path) == os.path.realpath(blob_path(local_dir, f)):
+            ours[f.expected_hash] = f
+            os.unlink(path)
+            removed += 1
+        elif kind == "file" and unchanged(path, f):
+            os.unlink(path)
+            removed += 1
+        elif kind != "absent":
+            kept.append(f.path)
+    used = _links_into(folder, blobs, local_dir)
+    for etag, f in ours.items():
+        blob = blobs / etag
+        if etag in used or not os.path.lexists(blob):
+            continue
+        if unchanged(blob, f):
+            os.unlink(blob)
+        else:
+            kept.append(f.path)
+    commit = local_dir.name
+    for ref_dir, _dirs, names in os.walk(folder / "refs"):
+        for name in names:
+            ref = Path(ref_dir) / name
+            with contextlib.suppress(OSError):
+                if ref.read_text().strip() == commit:
+                    ref.unlink()
+    for top in (local_dir, folder / "refs", blobs):
+        for dirpath, _dirs, _names in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+    for empty in (folder / "snapshots", folder):
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)
+    return removed, kept

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,61 @@ def test_clean_delete_files_removes_our_hf_metadata(cli: Cli, hub: FakeHub, tmp_
     assert (target / ".cache/huggingface").is_dir()
     assert cli("clean", "--delete-files").code == 0
     assert not target.exists()
+
+
+# ---------------------------------------------------------------- the rest, in cache mode
+
+def test_kill9_resume_verify_sync_and_clean_in_cache_mode(cli: Cli, hub: FakeHub,
+                                                          tmp_path: Path) -> None:
+    import signal
+
+    from tests.helpers import wait_for
+    big = {"a.safetensors": Content(6 << 20, seed=1), "b.safetensors": Content(6 << 20, seed=2),
+           "config.json": b"{}"}
+    first = hub.add_repo("org/model", big)
+    cache = tmp_path / "cache"
+    folder = cache / "models--org--model"
+    hub.bandwidth_per_conn = 3_000_000
+    proc = cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
+                     "-j", "2", "-x", "1")
+    assert wait_for(lambda: hub.bytes_served() > 4 << 20, 30)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)             # the killed connections' records land in the log
+    hub.reset_log()
+    hub.bandwidth_per_conn = 0
+    r = cli("resume", "task_001")
+    assert r.code == 0, r.text
+    ranges = [rec.range for rec in hub.records("GET") if rec.file and rec.file.endswith("tensors")]
+    assert any(rg and not rg.startswith("bytes=0-") for rg in ranges), ranges   # continued
+    snapshot = folder / "snapshots" / first
+    assert (snapshot / "a.safetensors").is_symlink() and not (snapshot / ".hfdl").exists()
+    assert cli("verify", "task_001").code == 0
+    # a blob damaged behind our back: verify says so, resume fetches it again
+    blob = Path(os.path.realpath(snapshot / "config.json"))
+    blob.write_bytes(b"[]")
+    assert cli("verify", "task_001").code == 3
+    assert cli("resume", "task_001").code == 0
+    assert blob.read_bytes() == b"{}" and (snapshot / "config.json").is_symlink()
+
+    # the branch moves: a new snapshot, the unchanged blob reused, refs/main moved
+    second = hub.add_commit("org/model", {"b.safetensors": Content(1000, seed=7)})
+    hub.reset_log()
+    r = cli("download", "org/model", "--hf-cache", str(cache))
+    assert r.code == 0, r.text
+    assert hub.file_downloads("a.safetensors") == 0 and hub.file_downloads("b.safetensors") == 1
+    assert (folder / "refs" / "main").read_text() == second
+    found = probe(cache, "org/model", "model", "main", list(big))
+    assert found["snapshot"] == str(folder / "snapshots" / second)
+
+    # clean --delete-files of the first task: its snapshot and its own blob go, shared ones stay
+    old_b = os.path.realpath(snapshot / "b.safetensors")
+    r = cli("clean", "--delete-files", "task_001")
+    assert r.code == 0, r.text
+    assert not snapshot.exists() and not os.path.exists(old_b)
+    assert len(list((folder / "blobs").iterdir())) == 3
+    found = probe(cache, "org/model", "model", "main", list(big))
+    assert found["repos"][0]["revisions"] == [[second, ["main"], 3]]
+    assert found["warnings"] == []
+    r = cli("clean", "--delete-files", "task_002")
+    assert r.code == 0 and not folder.exists(), r.text
