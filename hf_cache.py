@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -96,7 +97,7 @@ def link_snapshot(files: Iterable[RemoteFile], done: set[str], local_dir: Path,
     huggingface_hub leaves them. Returns how many links were made."""
     local_dir = Path(local_dir)
     if not symlinks_supported(local_dir):
-        return 0
+        return _copy_shared(list(files), done, local_dir, log)
     made = 0
     for f in files:
         try:
@@ -116,6 +117,41 @@ def link_snapshot(files: Iterable[RemoteFile], done: set[str], local_dir: Path,
     if made:
         log.info("%s: %d files linked to their blobs", local_dir, made)
     return made
+
+
+_WARNED: set[str] = set()
+
+
+def _copy_shared(files: list[RemoteFile], done: set[str], local_dir: Path,
+                 log: logging.Logger) -> int:
+    """No symlinks here: the files stay real files in the snapshot, as huggingface_hub leaves
+    them (no blobs/), and a file sharing its content with a finished one gets a copy of it."""
+    cache = str(local_dir.parent.parent.parent)
+    if cache not in _WARNED:
+        _WARNED.add(cache)
+        log.warning("%s: this filesystem has no symlinks: files are kept as real files in the "
+                    "snapshot, as huggingface_hub does (revisions do not share their blobs)", cache)
+    have = {}
+    for f in files:
+        if f.path in done and _kind(safe_join(local_dir, f.path)) == "file":
+            have.setdefault(f.expected_hash, f.path)
+    copied = 0
+    for f in files:
+        source = have.get(f.expected_hash)
+        if f.path in done or source is None:
+            continue
+        try:
+            final = safe_target(local_dir, f.path)
+        except (UnsafePathError, ValueError):
+            continue
+        if _kind(final) != "absent":
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.hfdl-copy")
+        shutil.copyfile(safe_join(local_dir, source), tmp)
+        os.replace(tmp, final)
+        copied += 1
+    return copied
 
 
 def _size(path: Path) -> int | None:

@@ -319,3 +319,25 @@ def test_kill9_resume_verify_sync_and_clean_in_cache_mode(cli: Cli, hub: FakeHub
     assert found["warnings"] == []
     r = cli("clean", "--delete-files", "task_002")
     assert r.code == 0 and not folder.exists(), r.text
+
+
+def test_without_symlinks_files_stay_real_files_as_huggingface_hub_does(cli: Cli, hub: FakeHub,
+                                                                        tmp_path: Path) -> None:
+    commit = hub.add_repo("org/model", FILES)
+    cache = tmp_path / "cache"
+    # huggingface_hub's own switch for filesystems without symlinks (its probe honours it)
+    r = cli("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
+            env={"HF_HUB_DISABLE_SYMLINKS": "1"})
+    assert r.code == 0, r.text
+    assert "has no symlinks" in r.err
+    snapshot = cache / "models--org--model" / "snapshots" / commit
+    for path, data in FILES.items():
+        p = snapshot / path
+        assert p.is_file() and not p.is_symlink(), path
+        assert p.read_bytes() == (data if isinstance(data, bytes) else content_bytes(data))
+    assert hub.file_downloads("model.safetensors") + hub.file_downloads("copy/model.safetensors") == 1
+    found = probe(cache, "org/model", "model", "main", list(FILES))
+    assert found["files"] == {p: str(snapshot / p) for p in FILES}
+    assert cli("verify", "task_001").code == 0
+    assert cli("clean", "--delete-files").code == 0
+    assert not (cache / "models--org--model").exists()
