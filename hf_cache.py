@@ -131,7 +131,7 @@ def _copy_shared(files: list[RemoteFile], done: set[str], local_dir: Path,
         _WARNED.add(cache)
         log.warning("%s: this filesystem has no symlinks: files are kept as real files in the "
                     "snapshot, as huggingface_hub does (revisions do not share their blobs)", cache)
-    have = {}
+    have: dict[str, str] = {}
     for f in files:
         if f.path in done and _kind(safe_join(local_dir, f.path)) == "file":
             have.setdefault(f.expected_hash, f.path)
