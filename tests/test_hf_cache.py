@@ -341,3 +341,24 @@ def test_without_symlinks_files_stay_real_files_as_huggingface_hub_does(cli: Cli
     assert cli("verify", "task_001").code == 0
     assert cli("clean", "--delete-files").code == 0
     assert not (cache / "models--org--model").exists()
+
+
+def readme_python_recipe() -> str:
+    """The python block of the README's 'Use with transformers / vLLM' section."""
+    from tests.helpers import ROOT
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use with transformers / vLLM", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_recipe_finds_the_download_offline(cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    commit = hub.add_repo("gpt2", {"config.json": b"{}", "model.safetensors": Content(5000, seed=1)})
+    cache = tmp_path / "cache"
+    assert cli("download", "gpt2", "--hf-cache", str(cache)).code == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "h"))
+    r = subprocess.run([sys.executable, "-c", readme_python_recipe()], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    snapshot = cache / "models--gpt2" / "snapshots" / commit
+    assert r.stdout.split() == [str(snapshot), str(snapshot / "config.json")]
