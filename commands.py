@@ -164,9 +164,6 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
                                        endpoint=endpoint, token=token, opts=opts,
                                        reserve=cfg.get("disk_reserve"), log=log,
                                        stream=sys.stderr, quiet=args.quiet)
-    import hf_cache
-    if hf_cache.is_snapshot(local_dir) and outcome.result.status is TaskState.COMPLETED:
-        hf_cache.write_ref(local_dir, repo.revision, listing.commit)
     dm.register(cfg.metadata_dir, listing)
     _report_sync(args.quiet, listing.commit, outcome.sync, outcome.pruned)
     if args.quiet and not args.json:      # DIR=$(python main.py download REPO -q)

@@ -168,6 +168,8 @@ def run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: st
                                            tracker.by_path, tracker.paths_in(FileState.COMPLETED),
                                            work.todo, log)
     result = finish_task(store, task, tracker, result, stopper, log)
+    if cache and result.status is TaskState.COMPLETED and task.revision:
+        hf_cache.write_ref(local_dir, task.revision, tracker.meta["commit"], log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
     return result

@@ -61,11 +61,15 @@ def symlinks_supported(local_dir: Path) -> bool:
     return are_symlinks_supported(Path(local_dir).parent.parent)
 
 
-def write_ref(local_dir: Path, revision: str, commit: str) -> None:
+def write_ref(local_dir: Path, revision: str, commit: str, log: logging.Logger) -> None:
     """refs/<revision> holds the commit, when the revision is a name (as huggingface_hub does:
-    nothing for the commit itself)."""
+    nothing for the commit itself). Written once the snapshot is complete."""
     from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
-    _cache_commit_hash_for_specific_revision(str(Path(local_dir).parent.parent), revision, commit)
+    try:
+        _cache_commit_hash_for_specific_revision(str(Path(local_dir).parent.parent), revision,
+                                                 commit)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot write refs/%s in the cache: %s", revision, exc)
 
 
 def _link(blob: Path, final: Path) -> None:

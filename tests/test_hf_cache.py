@@ -290,6 +290,7 @@ def test_kill9_resume_verify_sync_and_clean_in_cache_mode(cli: Cli, hub: FakeHub
     assert any(rg and not rg.startswith("bytes=0-") for rg in ranges), ranges   # continued
     snapshot = folder / "snapshots" / first
     assert (snapshot / "a.safetensors").is_symlink() and not (snapshot / ".hfdl").exists()
+    assert (folder / "refs" / "main").read_text() == first        # resume wrote the ref too
     assert cli("verify", "task_001").code == 0
     # a blob damaged behind our back: verify says so, resume fetches it again
     blob = Path(os.path.realpath(snapshot / "config.json"))
