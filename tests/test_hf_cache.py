@@ -175,6 +175,8 @@ def test_default_cache_is_huggingface_hubs_and_local_dir_conflicts(cli: Cli, hub
     assert r.code == 2 and "--hf-cache and --local-dir" in error_lines(r)[0]
     r = cli("config")
     assert "hf_cache" in r.out
+    r = cli("download", "--hf-cache", "org/model")      # the flag took the repo as its folder
+    assert r.code == 2 and "put the repo first" in error_lines(r)[0]
 
 
 @pytest.mark.parametrize("value", ["1", "on"])
