@@ -201,6 +201,8 @@ class Config:
             value, source = self._values[s.name]
             if isinstance(value, tuple):
                 value = ",".join(value)
+            if s.name == "hf_cache" and not value:
+                value = "off"
             rows.append({"name": s.name, "value": str(value), "source": source,
                          "env": s.env or "", "doc": s.doc})
         rows.append({"name": "token", "value": token_source(), "source": "",
