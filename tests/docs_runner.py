@@ -36,7 +36,7 @@ _CRON_FIELDS = re.compile(r"^\s*((?:\S+\s+){5})(.*)$")
 NOT_OURS = {
     "sudo": "installs system packages", "apt-get": "installs system packages", "apt": "installs system packages",
     "pip": "installs Python packages", "git": "fetches the source", "hf": "logs in to the real Hub",
-    "crontab": "edits the reader's crontab", "vllm": "serves a model (not installed here)",
+    "crontab": "edits the reader's crontab",
 }
 _SEPARATORS = {";", "&&", "||"}
 

@@ -365,3 +365,12 @@ def test_the_readme_recipe_finds_the_download_offline(cli: Cli, hub: FakeHub, tm
     assert r.returncode == 0, r.stderr
     snapshot = cache / "models--gpt2" / "snapshots" / commit
     assert r.stdout.split() == [str(snapshot), str(snapshot / "config.json")]
+
+
+@pytest.mark.parametrize("name", ["config.json", "a/b/model.safetensors", "x y/é.txt"])
+def test_metadata_paths_are_the_ones_huggingface_hub_reads(tmp_path: Path, name: str) -> None:
+    from huggingface_hub._local_folder import get_local_download_paths
+
+    from hf_cache import local_metadata_path
+    assert local_metadata_path(tmp_path, name) == \
+        get_local_download_paths(tmp_path, name).metadata_path
