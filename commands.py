@@ -159,6 +159,8 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     report_refused(listing)
     _require_files(listing, repo)
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    if cfg.get("hf_cache"):
+        local_dir = _cache_snapshot(args, cfg, repo, listing.commit)
     if args.dry_run:
         render.file_listing(listing, files_on_disk(listing.files, local_dir), local_dir,
                             args.json)
@@ -180,6 +182,17 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
         render.quiet_result(outcome.task.id, outcome.result, local_dir)
         return report_exit(outcome.task.id, outcome.result)
     return report_result(outcome.task, outcome.result, args.json)
+
+
+def _cache_snapshot(args: Namespace, cfg: config.Config, repo: Any, commit: str) -> Path:
+    """--hf-cache: the snapshot folder of the commit in the hub cache (not with --local-dir)."""
+    import hf_cache
+    if args.local_dir and cfg.source("hf_cache") == "flag":
+        raise UsageError("--hf-cache and --local-dir name two targets",
+                         hint="give one: the cache layout, or a plain folder")
+    if args.local_dir:       # the environment's cache mode yields to an explicit folder
+        return target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
+    return hf_cache.snapshot_dir(Path(cfg.get("hf_cache")), repo.repo_id, repo.repo_type, commit)
 
 
 # Files up to this size are hashed by --dry-run; bigger ones are checked by size only (cheap).

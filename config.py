@@ -82,6 +82,18 @@ def _candidates(value: str) -> tuple[str, ...]:
     return tuple(_endpoint(v) for v in str(value).split(",") if v.strip())
 
 
+def _hf_cache(value: str) -> str:
+    """"" or 0/off: no cache mode; 1/on: the cache huggingface_hub uses (HF_HUB_CACHE, else
+    HF_HOME/hub); anything else: that folder."""
+    text = str(value).strip()
+    if text.lower() in ("", "0", "false", "no", "off"):
+        return ""
+    if text.lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import constants
+        text = constants.HF_HUB_CACHE
+    return os.path.abspath(os.path.expanduser(text))
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("metadata_dir", "METADATA_DIR", HERE / "metadata", _path, "task and dataset records"),
     Setting("downloads_dir", "DOWNLOADS_DIR", HERE / "downloads", _path,
@@ -103,6 +115,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Hub API calls: seconds to connect, to wait for an answer (CONNECT,READ or one)"),
     Setting("max_retry_wait", "HFDL_MAX_RETRY_WAIT", "600", _seconds,
             "the longest wait a 429's Retry-After may impose, in seconds"),
+    Setting("hf_cache", "HFDL_HF_CACHE", "", _hf_cache,
+            "download into the Hugging Face hub cache at this folder (1: huggingface_hub's)"),
     Setting("progress_interval", "HFDL_PROGRESS_INTERVAL", "5", _seconds,
             "seconds between progress lines when stderr is not a terminal"),
     Setting("log_interval", "HFDL_LOG_INTERVAL", "1", _seconds,
@@ -189,6 +203,8 @@ class Config:
             value, source = self._values[s.name]
             if isinstance(value, tuple):
                 value = ",".join(value)
+            if s.name == "hf_cache" and not value:
+                value = "off"
             rows.append({"name": s.name, "value": str(value), "source": source,
                          "env": s.env or "", "doc": s.doc})
         rows.append({"name": "token", "value": token_source(), "source": "",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
+import hf_cache
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
                      run_downloads)
 from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt_finished,
@@ -134,7 +135,13 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
                                                          remember[0]))
     tool = choose_tool(opts.tool)
     local_dir = Path(local_dir or task.local_dir)
+    cache = hf_cache.is_snapshot(local_dir)
+    if cache:      # a blob already in the cache is linked here, then checked by the adoption
+        hf_cache.link_snapshot(tracker.files, set(tracker.paths_in(FileState.COMPLETED)),
+                               local_dir, log)
     work = plan_work(tracker, local_dir, todo)
+    if cache:
+        hf_cache.unlink_unchecked(local_dir, work.todo)
     if work.adopted:
         log.info("%d files found complete on disk", work.adopted)
     if work.missing:
@@ -166,14 +173,25 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
     guard = (system_monitor.DiskGuard(local_dir, reserve, interval=2.0, on_low=on_low) if needed
              else contextlib.nullcontext())
     with stop_signals(stopper), guard:
-        if work.todo:
-            result = run_downloads(tracker, work.todo, local_dir=local_dir, endpoint=endpoint,
+        fetch = hf_cache.one_per_blob(tracker.by_path, work.todo) if cache else work.todo
+        if fetch:
+            result = run_downloads(tracker, fetch, local_dir=local_dir, endpoint=endpoint,
                                    token=token, opts=opts, tool=tool, stopper=stopper, log=log,
                                    stream=stream, quiet=quiet,
                                    on_tick=TaskTicker(store, task.id, tracker, stopper),
                                    live=live_path(store.folder(task.id)),
                                    scope=[f.path for f in tracker.files] if todo is None else todo)
+        if cache:      # the files fetched become blobs; the ones sharing them are linked too
+            hf_cache.link_snapshot(tracker.files, set(tracker.paths_in(FileState.COMPLETED)),
+                                   local_dir, log)
+            adopt_finished(tracker, local_dir, [p for p in work.todo if p not in set(fetch)])
+        else:          # what `hf download --local-dir` keeps, so it finds these files current
+            hf_cache.record_local_metadata(local_dir, tracker.folder, tracker.meta["commit"],
+                                           tracker.by_path, tracker.paths_in(FileState.COMPLETED),
+                                           work.todo, log)
     result = finish_task(store, task, tracker, result, stopper, log)
+    if cache and result.status is TaskState.COMPLETED and task.revision:
+        hf_cache.write_ref(local_dir, task.revision, tracker.meta["commit"], log)
     result.bytes_missing = bytes_still_needed(tracker, local_dir, tracker.paths_in(
         FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED))
     # the bytes kept in partials are done bytes too (never fetched again): a stopped run's

@@ -54,8 +54,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if self.swallowed and message.startswith("the following arguments are required: repo"):
             option, value = self.swallowed
-            message = (f"{option} took {value!r} as a pattern; put the repo first or use "
-                       f"{option}=PAT")
+            what, form = ("its folder", "DIR") if option == "--hf-cache" else ("a pattern", "PAT")
+            message = (f"{option} took {value!r} as {what}; put the repo first or use "
+                       f"{option}={form}")
         sys.exit(report_error(message, f"see 'python {self.prog} --help'", ExitStatus.USAGE))
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
@@ -83,6 +84,16 @@ class _Patterns(argparse.Action):
         plain = [v for v in values[1:] or values if not any(c in v for c in "*?[")]
         if isinstance(parser, Parser) and plain:
             parser.swallowed = (option_string or "--include", plain[0])
+
+
+class _CacheDir(argparse.Action):
+    """--hf-cache [DIR]: remembers DIR, which may be a swallowed repo (`download --hf-cache gpt2`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        if isinstance(parser, Parser) and values != self.const:
+            parser.swallowed = ("--hf-cache", str(values))
 
 
 def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
@@ -209,6 +220,9 @@ def build_parser() -> Parser:
                    help="only these files (exact repo paths, as in 'hf download gpt2 config.json')")
     _tool_args(p)
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+    p.add_argument("--hf-cache", nargs="?", const="1", metavar="DIR", action=_CacheDir,
+                   help="into the Hugging Face hub cache at DIR (default: the one huggingface_hub "
+                        "uses), where transformers, diffusers and vLLM find it offline")
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
                    help="delete the files this task downloaded that the current commit "
@@ -390,7 +404,8 @@ def load_settings(args: argparse.Namespace) -> config.Config:
              "logs_dir": args.logs_dir, "endpoint": getattr(args, "endpoint", None),
              "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
              "disk_warn_percent": getattr(args, "disk_warn_percent", None),
-             "no_mirror": True if getattr(args, "no_mirror", False) else None}
+             "no_mirror": True if getattr(args, "no_mirror", False) else None,
+             "hf_cache": getattr(args, "hf_cache", None)}
     return config.load_config(flags)
 
 

@@ -107,8 +107,13 @@ def size_of(data: bytes | Content) -> int:
     return data.size if isinstance(data, Content) else len(data)
 
 
+HF_LOCAL_META = "/.cache/huggingface/"     # hf download --local-dir's metadata, which we write too
+
+
 def tree_files(root: Path) -> dict[str, Path]:
-    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    """The files under root, without hf's metadata folders (root may hold several targets)."""
+    return {name: p for p in root.rglob("*") if p.is_file()
+            if HF_LOCAL_META not in "/" + (name := p.relative_to(root).as_posix())}
 
 
 def assert_same_tree(folder: Path, files: dict[str, bytes | Content]) -> None:

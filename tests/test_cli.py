@@ -17,7 +17,7 @@ import pytest
 
 import main
 from tests.fakehub import FakeHub
-from tests.helpers import ROOT, Cli, Result, assert_same_tree, clean_env, error_lines
+from tests.helpers import ROOT, Cli, Result, assert_same_tree, clean_env, error_lines, tree_files
 from utils import ExitStatus
 
 FILES = {"config.json": b'{"a": 1}', "vocab.json": b"{}", "merges.txt": b"m",
@@ -231,8 +231,7 @@ def test_include_does_not_swallow_the_repo(cli: Cli, hub: FakeHub, capsys) -> No
     hub.add_repo("gpt2", FILES)
     r = cli("download", "--include=*.json", "gpt2", "--include", "*.txt", "--tool", "python")
     assert r.code == 0, r.text
-    assert sorted(p.relative_to(cli.downloads / "gpt2").as_posix()
-                  for p in (cli.downloads / "gpt2").rglob("*") if p.is_file()) == \
+    assert sorted(tree_files(cli.downloads / "gpt2")) == \
         ["config.json", "merges.txt", "sub/config.json", "vocab.json"]
 
 
