@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile
+from hub_http import retry_after_header as retry_after_seconds  # files read it as the API does
 from utils import (HFDError, Partial, hash_file, new_hasher, read_json, strip_query,
                    write_json_atomic)
 
@@ -156,15 +157,6 @@ class Chain:
         if not same_origin(target, self.job.endpoint):
             self.left = True
         return target
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After, else the `t=` of the Hub's RateLimit header."""
-    value = headers.get("Retry-After")
-    if value and value.strip().isdigit():
-        return float(value)
-    match = re.search(r"\bt=(\d+)", headers.get("RateLimit", "") or "")
-    return float(match.group(1)) if match else None
 
 
 # ---- what went wrong, in plain words: the one wording of each case, whatever the tool
