@@ -162,6 +162,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     if cfg.get("hf_cache"):
         local_dir = _cache_snapshot(args, cfg, repo, listing.commit)
     if args.dry_run:
+        from file_tracker import files_on_disk
         render.file_listing(listing, files_on_disk(listing.files, local_dir), local_dir,
                             args.json)
         return ExitStatus.OK
@@ -195,58 +196,14 @@ def _cache_snapshot(args: Namespace, cfg: config.Config, repo: Any, commit: str)
     return hf_cache.snapshot_dir(Path(cfg.get("hf_cache")), repo.repo_id, repo.repo_type, commit)
 
 
-# Files up to this size are hashed by --dry-run; bigger ones are checked by size only (cheap).
-DRY_RUN_HASH_LIMIT = 16 * 1024 * 1024
-
-
-def files_on_disk(files: list[Any], local_dir: Path) -> dict[str, str]:
-    """The files already complete in `local_dir`: path -> what was checked ("hash" or "size")."""
-    from file_tracker import check_file
-    from utils import safe_join
-    found = {}
-    for f in files:
-        path = safe_join(local_dir, f.path)
-        if not path.is_file():
-            continue
-        quick = f.size > DRY_RUN_HASH_LIMIT
-        if check_file(path, f, quick=quick).verdict == "ok":
-            found[f.path] = "size" if quick else "hash"
-    return found
-
-
 def only_files(repo: RepoChoice, listing: Any, files: list[str]) -> tuple[RepoChoice, Any]:
-    """`download REPO FILE...`: those exact paths (that must exist), still filtered by
-    --include/--exclude; the choice carries them as root-anchored patterns, so the task (and
-    its resume) keeps them."""
+    """`download REPO FILE...`: those exact paths, still filtered by --include/--exclude; the
+    choice carries them as root-anchored patterns, so the task (and its resume) keeps them."""
     import dataclasses
-    import glob
 
-    from utils import path_selected
-    present = {f.path for f in listing.files}
-    refused = dict(listing.refused)
-    for name in files:
-        if name in refused:
-            raise UsageError(f"{repo.repo_id} has a file {name!r} that cannot be saved: "
-                             f"{refused[name]}")
-        if name not in present:
-            close = _close_paths(name, present)
-            raise UsageError(f"{repo.repo_id} has no file {name!r} at {repo.revision}",
-                             hint=f"did you mean {close}?" if close else
-                             f"'python main.py download {repo.repo_id} --dry-run' lists the files")
-    wanted = [f for f in dict.fromkeys(files) if path_selected(f, repo.include, repo.exclude)]
-    if not wanted:
-        raise UsageError("none of the files named matches the --include/--exclude filters",
-                         hint="drop the filters, or name other files")
-    include = tuple("/" + glob.escape(f) for f in wanted)
-    kept = [f for f in listing.files if path_selected(f.path, include, repo.exclude)]
-    return (dataclasses.replace(repo, include=include),
-            dataclasses.replace(listing, files=kept, refused=[]))
-
-
-def _close_paths(name: str, paths: set[str]) -> str | None:
-    import difflib
-    close = difflib.get_close_matches(name, sorted(paths), n=1)
-    return close[0] if close else None
+    import dataset_manager as dm
+    include, listing = dm.select_files(listing, files, repo.include, repo.exclude)
+    return dataclasses.replace(repo, include=include), listing
 
 
 def _require_files(listing: Any, repo: RepoChoice) -> None:

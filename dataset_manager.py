@@ -315,3 +315,34 @@ def rebuild_registry(metadata_dir: Path, tasks: Iterable[Task]) -> int:
         path.replace(path.with_name(path.name + ".corrupt"))
     write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "datasets": datasets})
     return len(datasets)
+
+
+def select_files(listing: Listing, names: list[str], include: Iterable[str],
+                 exclude: Iterable[str]) -> tuple[tuple[str, ...], Listing]:
+    """`download REPO FILE...`: the exact paths named (each must be in the listing; a misspelt
+    one gets a suggestion), kept when --include/--exclude allow them. Returns them as
+    root-anchored patterns (`/` + the escaped path) and the listing narrowed to them."""
+    import dataclasses
+    import difflib
+    import glob
+    include, exclude = tuple(include), tuple(exclude)
+    present = {f.path for f in listing.files}
+    refused = dict(listing.refused)
+    for name in names:
+        if name in refused:
+            raise UsageError(f"{listing.repo_id} has a file {name!r} that cannot be saved: "
+                             f"{refused[name]}")
+        if name not in present:
+            close = difflib.get_close_matches(name, sorted(present), n=1)
+            raise UsageError(f"{listing.repo_id} has no file {name!r} at {listing.revision}",
+                             hint=f"did you mean {close[0]}?" if close else
+                             f"'python main.py download {listing.repo_id} --dry-run' lists the "
+                             f"files")
+    wanted = [f for f in dict.fromkeys(names) if path_selected(f, include, exclude)]
+    if not wanted:
+        raise UsageError("none of the files named matches the --include/--exclude filters",
+                         hint="drop the filters, or name other files")
+    anchored = tuple("/" + glob.escape(f) for f in wanted)
+    kept = [f for f in listing.files if path_selected(f.path, anchored, exclude)]
+    return anchored, dataclasses.replace(listing, files=kept, refused=[])
+

@@ -591,3 +591,21 @@ def _remove_empty_parents(folder: Path, root: Path) -> None:
         except OSError:
             return
         folder = folder.parent
+
+
+# Files up to this size are hashed by `download --dry-run`; bigger ones are checked by size only.
+DRY_RUN_HASH_LIMIT = 16 * 1024 * 1024
+
+
+def files_on_disk(files: Iterable[RemoteFile], local_dir: Path) -> dict[str, str]:
+    """The files already complete in `local_dir`: path -> what was checked ("hash" or "size")."""
+    found = {}
+    for f in files:
+        path = safe_join(local_dir, f.path)
+        if not path.is_file():
+            continue
+        quick = f.size > DRY_RUN_HASH_LIMIT
+        if check_file(path, f, quick=quick).verdict == "ok":
+            found[f.path] = "size" if quick else "hash"
+    return found
+

@@ -11,13 +11,13 @@ import difflib
 import errno
 import json
 import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from utils import ExitStatus, HFDError, HubError, UsageError, parse_size, strip_query
+from logs import FILE_ONLY, READ_ONLY, open_log_file, setup_logging
+from utils import ExitStatus, HFDError, HubError, UsageError, parse_size
 
 if TYPE_CHECKING:         # imported when a command runs: `--help` stays fast
     import config
@@ -408,94 +408,6 @@ def load_settings(args: argparse.Namespace) -> config.Config:
              "hf_cache": getattr(args, "hf_cache", None)}
     return config.load_config(flags)
 
-
-class _NoQuery(logging.Formatter):
-    """Lines whose URLs carry no query string: signed links must not be readable in a log."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return strip_query(super().format(record))
-
-
-class _NoTraceback(_NoQuery):
-    """Console lines without the traceback (that goes to the log file, or --debug), in the
-    style of the lines we print ourselves: `warning: ...`, `error: ...`; INFO lines (-v) bare."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None,
-                                                     "exc_text": None}))
-        if record.levelno >= logging.WARNING or record.levelno < logging.INFO:
-            return f"{record.levelname.lower()}: {text}"
-        return text
-
-
-# extra= of a record for the log file only: its console line is printed another way
-FILE_ONLY = {"file_only": True}
-# Commands that only read: they write nothing to the log (not even create it).
-READ_ONLY = frozenset({"status", "list-tasks", "config", "task-detail", "list-datasets",
-                       "batch-status"})
-
-
-class _Console(logging.StreamHandler):  # type: ignore[type-arg]
-    """stderr through the progress bar's writer: a warning never breaks the bar's line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "file_only", False):
-            return
-        import progress
-        try:
-            progress.write(self.format(record), self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-def _private_open(path: str, flags: int) -> int:
-    """Log files are ours alone (0600), also one a run before this rule made readable."""
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    except OSError:
-        pass
-    return fd
-
-
-class _PrivateLog(logging.handlers.RotatingFileHandler):
-    """The rotated log, every file of it created 0600."""
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                    opener=_private_open)
-
-
-def setup_logging(logs_dir: Path, verbose: int, quiet: bool, to_file: bool = True) -> Path | None:
-    """WARNING (minus 10 per -v) on stderr, and unless `to_file` is off (read-only commands)
-    a rotated DEBUG log file per data folder, each line of a task naming it."""
-    log.setLevel(logging.DEBUG)
-    for old in list(log.handlers):       # main() run again in one process: no stale handlers
-        log.removeHandler(old)
-        old.close()
-    console = _Console(sys.stderr)
-    console.setLevel(logging.ERROR if quiet else max(logging.DEBUG, logging.WARNING - 10 * verbose))
-    console.setFormatter(_NoTraceback("%(message)s"))
-    log.addHandler(console)
-    logging.raiseExceptions = False      # a full disk must not print "--- Logging error ---"
-    return open_log_file(logs_dir) if to_file else None
-
-
-def open_log_file(logs_dir: Path) -> Path | None:
-    """Add the log file (logs_dir/download.log) to the handlers; None when it cannot be written."""
-    from task_manager import TaskTag
-    path = Path(logs_dir) / "download.log"
-    try:
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        handler = _PrivateLog(path, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
-    except OSError as exc:
-        log.warning("cannot write the log at %s (%s); logging to stderr only", path, exc.strerror)
-        return None
-    handler.addFilter(TaskTag())
-    handler.setFormatter(_NoQuery("%(asctime)s %(process)d %(levelname)s %(task)s%(message)s"))
-    log.addHandler(handler)
-    return path
 
 
 # ================================================================ entry point

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import logs
 import main
 import progress
 from task_manager import TaskStore
@@ -161,7 +162,7 @@ def test_warnings_and_info_lines_go_above_the_bar(tmp_path: Path, monkeypatch) -
     again below it, instead of being glued to the bar's line."""
     screen = _Tty()
     monkeypatch.setattr("sys.stderr", screen)
-    main.setup_logging(tmp_path / "logs", verbose=1, quiet=False)
+    logs.setup_logging(tmp_path / "logs", verbose=1, quiet=False)
     bar = progress.Progress(2, 2000, 0, 0, screen, interval=5.0)
     bar.tick()
     logging.getLogger("hfdl").warning("the disk is 95%s full", "%")

@@ -15,6 +15,7 @@ import config
 import downloader
 import fetcher
 import commands
+import logs
 import main
 import system_monitor
 import task_manager
@@ -59,7 +60,7 @@ def error_lines(err: str) -> list[str]:
 # ---------------------------------------------------------------- logging
 
 def test_system_monitor_warnings_reach_the_log_file(tmp_path: Path, capsys) -> None:
-    path = main.setup_logging(tmp_path / "logs", verbose=0, quiet=False)
+    path = logs.setup_logging(tmp_path / "logs", verbose=0, quiet=False)
     assert path is not None
     system_monitor.log.warning("disk guard could not measure %s: %s", "/x", "gone")
     for handler in logging.getLogger("hfdl").handlers:
