@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -178,3 +180,24 @@ def tmpfs(folder: Path, size: str = "4m", *, read_only: bool = False,
     finally:
         if _sh("umount", str(folder)).returncode:
             _sh("umount", "-l", str(folder))
+
+
+@contextlib.contextmanager
+def main_state_restored() -> Iterator[None]:
+    """main.main() run in this process installs logging handlers and a SIGTERM handler, and sets
+    logging.raiseExceptions: undo all of it afterwards."""
+    hfdl = logging.getLogger("hfdl")
+    handlers, level = list(hfdl.handlers), hfdl.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    raise_exceptions = logging.raiseExceptions
+    try:
+        yield
+    finally:
+        for handler in hfdl.handlers:
+            if handler not in handlers:
+                hfdl.removeHandler(handler)
+                handler.close()
+        hfdl.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+        logging.raiseExceptions = raise_exceptions
+

@@ -4,10 +4,8 @@ data folders beside main.py, and the habits of `hf download` (FILE..., suggestio
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +15,8 @@ import pytest
 
 import main
 from tests.fakehub import FakeHub
-from tests.helpers import ROOT, Cli, Result, assert_same_tree, clean_env, error_lines, tree_files
+from tests.helpers import (ROOT, Cli, Result, assert_same_tree, clean_env, error_lines,
+                           main_state_restored, tree_files)
 from utils import ExitStatus
 
 FILES = {"config.json": b'{"a": 1}', "vocab.json": b"{}", "merges.txt": b"m",
@@ -35,16 +34,8 @@ def inproc(tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HFDL_DISK_RESERVE", "1M")
-    hfdl = logging.getLogger("hfdl")
-    handlers, level = list(hfdl.handlers), hfdl.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield tmp_path
-    for handler in hfdl.handlers:
-        if handler not in handlers:
-            hfdl.removeHandler(handler)
-            handler.close()
-    hfdl.setLevel(level)
-    signal.signal(signal.SIGTERM, sigterm)
+    with main_state_restored():
+        yield tmp_path
 
 
 def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import main
 import system_monitor
 import task_manager
 from task_manager import StopReason, TaskState, TaskStore
+from tests.helpers import main_state_restored
 from utils import ExitStatus, HFDError
 
 
@@ -32,18 +32,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                                                         "LOGS_DIR"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    hfdl = logging.getLogger("hfdl")
-    handlers, level = list(hfdl.handlers), hfdl.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    raise_exceptions = logging.raiseExceptions
-    yield
-    for handler in hfdl.handlers:
-        if handler not in handlers:
-            hfdl.removeHandler(handler)
-            handler.close()
-    hfdl.setLevel(level)
-    signal.signal(signal.SIGTERM, sigterm)
-    logging.raiseExceptions = raise_exceptions
+    with main_state_restored():
+        yield
 
 
 def folders(tmp_path: Path) -> list[str]:
