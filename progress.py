@@ -6,7 +6,7 @@ file rewritten every few seconds (live_status reads it).
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sys
 import threading
 import time
@@ -55,7 +55,11 @@ class Progress:
         if not quiet and stream.isatty():
             from tqdm import tqdm
             # A terminal that reports no width (a bare pty) still gets an 80-column bar.
-            sized = shutil.get_terminal_size((0, 0)).columns > 0
+            # Asked of the terminal itself: COLUMNS in the environment says nothing about it.
+            try:
+                sized = os.get_terminal_size(stream.fileno()).columns > 0
+            except (OSError, ValueError, AttributeError):
+                sized = False
             # tqdm's own scaling says "MB" for MiB: the bar shows our numbers (format_size,
             # as the plain lines and `status` do) in its description instead.
             self.bar = tqdm(total=total_bytes, initial=done_bytes, bar_format=BAR_FORMAT,
