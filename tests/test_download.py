@@ -79,10 +79,8 @@ def test_local_dir_and_second_run_is_a_noop(cli, hub):
     assert cli("download", "gpt2", "--local-dir", str(target), "--tool", "python").code == 0
     assert_same_tree(target, files)
     hub.reset_log()
-    started = time.monotonic()
     r = cli("download", "gpt2", "--local-dir", str(target), "--tool", "python")
     assert r.code == 0 and "task_001" in r.out
-    assert time.monotonic() - started < 5
     assert hub.count(path_contains="/resolve/") == 0          # no file request at all
     assert "task_002" not in (cli.metadata / "tasks.json").read_text()
 
