@@ -135,3 +135,23 @@ def test_each_backend_still_catches_corrupted_bytes(streamed_hub, tmp_path: Path
     with pytest.raises(FetchError, match="sha256 mismatch"):
         fetcher.finish_file(job, digest)
     assert not job.final.exists()
+
+
+def test_each_backend_hashes_a_resumed_partial_from_its_start(streamed_hub, tmp_path: Path,
+                                                              backend) -> None:
+    """Stopped half-way, then resumed from what is on disk (the part map, aria2c's control
+    file, the length): the digest still covers the whole file."""
+    kind, b = backend
+    job = _job(streamed_hub, tmp_path, kind)
+    stop = threading.Event()
+
+    def stop_half_way(n: int) -> None:
+        if n >= SIZE // 3:
+            stop.set()
+    with pytest.raises(FetchError):
+        b.fetch(job, stop_half_way, stop)
+    assert 0 < job.partial.bytes_on_disk() < SIZE
+    served = streamed_hub.bytes_served("w.safetensors")
+    digest = b.fetch(job, lambda n: None, threading.Event())
+    assert digest == job.file.expected_hash
+    assert streamed_hub.bytes_served("w.safetensors") - served < SIZE     # it did resume
