@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from stream_hash import PrefixHasher, aria2_done_prefix
 from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
                       auth_headers, cut_short, http_error, refused, resolve_location,
                       retry_after_seconds, same_origin, short_error, stalled, strip_query)
@@ -424,20 +425,24 @@ class Aria2Backend:
             "min-split-size": "1M"}
         daemon = self.daemon()
         gid = daemon.call("aria2.addUri", [url], options)
+        hasher = PrefixHasher(job.partial.path, job.file)
         try:
-            self._watch(daemon, gid, job, report, stop)
+            self._watch(daemon, gid, job, report, stop, hasher)
         finally:
+            hasher.close()
             with contextlib.suppress(Exception):
                 daemon.call("aria2.forceRemove", gid)
             with contextlib.suppress(Exception):
                 daemon.call("aria2.removeDownloadResult", gid)
         report(job.partial.bytes_on_disk())
-        return None
+        return hasher.finish()
 
     def _watch(self, daemon: Aria2Daemon, gid: str, job: Job, report: Report,
-               stop: threading.Event) -> None:
-        """Poll one download: progress, completion, errors, stalls and stops."""
-        keys = ["status", "completedLength", "errorCode", "errorMessage"]
+               stop: threading.Event, hasher: PrefixHasher) -> None:
+        """Poll one download: progress, the finished prefix (to the hasher), completion,
+        errors, stalls and stops."""
+        keys = ["status", "completedLength", "errorCode", "errorMessage", "bitfield",
+                "pieceLength"]
         last, last_change = -1, time.monotonic()
         delay = 0.01          # small files finish in tens of ms: look soon, then back off
         while True:
@@ -449,6 +454,8 @@ class Aria2Backend:
             if done != last:
                 last, last_change = done, time.monotonic()
                 report(done)
+                hasher.advance(aria2_done_prefix(st.get("bitfield") or "",
+                                                 int(st.get("pieceLength") or 0), job.file.size))
             if st["status"] == "complete":
                 return
             if st["status"] in ("error", "removed"):
@@ -512,8 +519,16 @@ class WgetBackend:
         argv = ["wget", "--no-config", "--continue", "--no-iri", "--tries=1", "--server-response",
                 "--progress=dot:giga", f"--timeout={int(max(5, self.stall_timeout))}",
                 f"--user-agent={USER_AGENT}", f"--output-document={job.partial.path}", "--", url]
-        self._run(argv, job, report, stop)
-        return None
+        hasher = PrefixHasher(job.partial.path, job.file)
+
+        def landed(n: int) -> None:       # wget writes in order: what is on disk is final
+            report(n)
+            hasher.advance(n)
+        try:
+            self._run(argv, job, landed, stop)
+        finally:
+            hasher.close()
+        return hasher.finish()
 
     def _run(self, argv: list[str], job: Job, report: Report, stop: threading.Event) -> None:
         """Run wget for one file; its output goes to a scratch file we read back."""

@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile
 from hub_http import retry_after_header as retry_after_seconds  # files read it as the API does
+from stream_hash import PrefixHasher
 from utils import (HFDError, Partial, hash_file, new_hasher, read_json, strip_query,
                    write_json_atomic)
 
@@ -253,7 +254,8 @@ def write_error(exc: OSError) -> FetchError:
 # ================================================================ the python backend
 
 class PythonBackend:
-    """requests in threads; hashes while writing; ranged parts for huge files or -x N."""
+    """requests in threads; hashes while writing (one stream) or the finished prefix as it
+    grows (ranged parts for huge files or -x N)."""
 
     name = "python"
     resumable = frozenset({"seq", "parts"})
@@ -272,8 +274,7 @@ class PythonBackend:
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
         if job.needs_ranges or (job.connections > 1 and job.file.size >= 2 * self.MIN_PART):
-            self._fetch_parts(job, report, stop)
-            return None
+            return self._fetch_parts(job, report, stop)
         return self._fetch_stream(job, report, stop)
 
     # ---- one stream, resumed from the partial's length, hashed as it is written
@@ -343,7 +344,17 @@ class PythonBackend:
         return done
 
     # ---- ranged parts into one file; progress of each part kept in the partial's part map
-    def _fetch_parts(self, job: Job, report: Report, stop: threading.Event) -> None:
+    def _fetch_parts(self, job: Job, report: Report, stop: threading.Event) -> str | None:
+        """The parts in threads; the finished prefix hashed from the disk as it grows."""
+        hasher = PrefixHasher(job.partial.path, job.file)
+        try:
+            self._fetch_parts_into(job, report, stop, hasher)
+            return hasher.finish()
+        finally:
+            hasher.close()
+
+    def _fetch_parts_into(self, job: Job, report: Report, stop: threading.Event,
+                          hasher: PrefixHasher) -> None:
         f, path = job.file, job.partial.path
         parts = self._load_parts(job)
         with job.partial.open("r+b" if path.exists() else "w+b") as out:
@@ -354,9 +365,13 @@ class PythonBackend:
         def total() -> int:
             return sum(p[2] - p[0] for p in parts)
 
+        def progress() -> None:
+            report(total())
+            hasher.advance(_done_prefix(parts, f.size))
+
         def run_part(part: list[int]) -> None:
             try:
-                self._fetch_range(job, part, lock, lambda: report(total()), stop, total)
+                self._fetch_range(job, part, lock, progress, stop, total)
             except FetchError as exc:
                 errors.append(exc)
 
@@ -374,10 +389,11 @@ class PythonBackend:
                 t.join()
         saver_stop.set()
         saver.join()
-        self._save_parts(job, parts, lock)
+        if errors or total() < f.size:
+            self._save_parts(job, parts, lock)      # else the check and promote_to come next
         if errors:
             raise errors[0]
-        report(total())
+        progress()
 
     def _load_parts(self, job: Job) -> list[list[int]]:
         """[start, end(inclusive), next offset] per part, from the part map if it matches."""
@@ -413,6 +429,7 @@ class PythonBackend:
                     chunk = chunk[:end + 1 - offset]
                     try:
                         out.write(chunk)
+                        out.flush()       # on disk before the part map or the hasher counts it
                     except OSError as exc:
                         raise write_error(exc) from None
                     offset += len(chunk)
@@ -423,8 +440,6 @@ class PythonBackend:
                         break
             except _network_errors() as exc:
                 raise network_error(exc, total(), job.file.size, self.stall_timeout) from None
-            out.flush()
-            os.fsync(out.fileno())
         if offset <= end:
             raise cut_short(total(), job.file.size)
 
@@ -447,6 +462,15 @@ class PythonBackend:
             write_json_atomic(job.partial.part_map, {"size": job.file.size,
                                                      "hash": job.file.expected_hash,
                                                      "parts": snapshot}, indent=None)
+
+
+def _done_prefix(parts: list[list[int]], size: int) -> int:
+    """The bytes from the file's start that are written: parts are in order, [start, end,
+    next offset]; read without the lock (each value only grows, so a stale read says less)."""
+    for _start, end, offset in parts:
+        if offset <= end:
+            return offset
+    return size
 
 
 def _chunks(resp: "requests.Response", size: int) -> Iterator[bytes]:
