@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,10 +92,9 @@ class Slurm:
                         30, 0.2), self.logs()
 
     def daemon(self, *argv: str) -> None:
-        out = open(self.dir / f"{argv[0]}.out", "wb")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL))
-        out.close()
+        with open(self.dir / f"{argv[0]}.out", "wb") as out:
+            self.procs.append(subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL))
 
     def stop(self) -> None:
         if self.procs[1:]:   # jobs outlive slurmd (slurmstepd is on its own): cancel them first
@@ -112,7 +110,7 @@ class Slurm:
 
     def run(self, *argv: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=kw.pop("env", self.env), capture_output=True, text=True,
-                              timeout=30, **kw)
+                              timeout=30, check=False, **kw)
 
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str]) -> str:
         r = self.run("sbatch", "--parsable", *args, cwd=cwd, env={**env, "SLURM_CONF": self.env["SLURM_CONF"]})
