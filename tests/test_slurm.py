@@ -174,6 +174,18 @@ def assert_every_file_once(data: Path, files: dict[str, Content]) -> None:
 
 # ---------------------------------------------------------------- the test
 
+def partial_bytes(data: Path, path: str) -> int:
+    """The bytes of `path`'s partial files under data/ (the other tasks rename and remove theirs
+    while this looks)."""
+    total = 0
+    try:
+        for p in data.rglob(Path(path).name + ".*.incomplete"):
+            total += p.stat().st_size
+    except FileNotFoundError:
+        return 0
+    return total
+
+
 def wait_states(slurm: Slurm, job: str, want: dict[int, set[str]], timeout: float = 40) -> dict:
     def reached() -> bool:
         tasks = slurm.tasks(job)
@@ -208,8 +220,7 @@ def test_an_array_job_fetches_every_batch_once_and_resumes_a_cancelled_or_requeu
 
     def mid_transfer(path: str) -> bool:     # the server stalls and the first bytes are on disk
         return any(rq.file == path and rq.fault == "stall" and rq.bytes_sent >= 150_000
-                   for rq in list(hub.requests)) and any(
-            p.stat().st_size > 0 for p in (shared / "data").rglob(Path(path).name + ".*.incomplete"))
+                   for rq in list(hub.requests)) and partial_bytes(shared / "data", path) > 0
     assert wait_for(lambda: all(mid_transfer(p) for p in stalled.values()), 30), slurm.logs()
     assert slurm.run("scancel", f"{job}_2").returncode == 0
     assert slurm.run("scontrol", "requeue", f"{job}_3").returncode == 0
