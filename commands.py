@@ -169,7 +169,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
                                      repo.include, repo.exclude, args.prune)
     store = TaskStore(cfg.metadata_dir)
-    run = _run_settings(args, cfg, store.find(req.identity()))
+    run = _run_settings(args, cfg, req.find(store))
     opts = run.opts
     _announce(args.quiet, listing, local_dir, downloader.choose_tool(opts.tool), opts, endpoint)
     outcome = downloader.download_repo(store, req, listing,
