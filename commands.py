@@ -192,6 +192,8 @@ def _cache_snapshot(args: Namespace, cfg: config.Config, repo: Any, commit: str)
         raise UsageError("--hf-cache and --local-dir name two targets",
                          hint="give one: the cache layout, or a plain folder")
     if args.local_dir:       # the environment's cache mode yields to an explicit folder
+        print("note: --local-dir wins over HFDL_HF_CACHE: a plain folder, not the hub cache "
+              "(--no-hf-cache turns the setting off for one run)", file=sys.stderr)
         return target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
     return hf_cache.snapshot_dir(Path(cfg.get("hf_cache")), repo.repo_id, repo.repo_type, commit)
 

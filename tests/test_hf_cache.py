@@ -179,6 +179,22 @@ def test_default_cache_is_huggingface_hubs_and_local_dir_conflicts(cli: Cli, hub
     assert r.code == 2 and "put the repo first" in error_lines(r)[0]
 
 
+def test_local_dir_over_the_env_setting_says_so_and_no_hf_cache_turns_it_off(
+        cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/model", {"config.json": b"{}"})
+    env = {"HFDL_HF_CACHE": str(tmp_path / "cache")}
+    r = cli("download", "org/model", "--local-dir", str(tmp_path / "plain"), env=env)
+    assert r.code == 0, r.text
+    notes = [line for line in r.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--local-dir wins over HFDL_HF_CACHE" in notes[0], r.err
+    assert not (tmp_path / "plain" / "config.json").is_symlink()
+    r = cli("download", "org/model", "--no-hf-cache", "-q", env=env)
+    assert r.code == 0 and r.out.strip() == str(tmp_path / "downloads" / "org--model"), r.text
+    assert "note:" not in r.err and not (tmp_path / "cache").exists()
+    r = cli("download", "org/model", "--hf-cache", "--no-hf-cache")
+    assert r.code == 2 and "not allowed with" in error_lines(r)[0]
+
+
 @pytest.mark.parametrize("value", ["1", "on"])
 def test_env_setting_one_means_the_librarys_cache(cli: Cli, hub: FakeHub, tmp_path: Path,
                                                   value: str) -> None:
