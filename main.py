@@ -328,6 +328,7 @@ def build_parser() -> Parser:
         p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
                        help="fill each disk to at most this fraction (default 0.9)")
         p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+        _cache_args(p)
 
     p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
     _repo_args(p)
@@ -347,6 +348,7 @@ def build_parser() -> Parser:
     p.add_argument("task", help="batch task id, or a plan file written by plan-batch --output")
     p.add_argument("batch", type=_positive_int, help="batch number")
     p.add_argument("--local-dir", type=_folder, help="target folder (default: the task's)")
+    _cache_args(p)
     p.add_argument("--force", action="store_true",
                    help="write batch N even onto a disk whose marker holds another batch "
                         "(a warning instead of a refusal)")

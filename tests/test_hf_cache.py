@@ -535,3 +535,36 @@ def test_the_blob_lock_held_by_another_program_is_waited_for(cli: Cli, hub: Fake
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert hub.file_downloads("model.safetensors") == 1
     assert_whole(cache, commit, files)
+
+
+def test_batches_into_a_hub_cache_on_each_disk(cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    from tests.test_batch import MARKER
+    files: dict[str, Any] = {f"data/shard-{i}.parquet": Content(400_000, seed=20 + i)
+                             for i in range(4)}
+    files["README.md"] = b"# data\n"
+    commit = hub.add_repo("org/data", files, repo_type="dataset")
+    disk1, disk2 = tmp_path / "disk1", tmp_path / "disk2"
+    space = ["--dataset", "--available-space", "1000K"]
+    out = tmp_path / "plan.json"
+    r = cli("plan-batch", "org/data", *space, "--hf-cache", str(disk1), "--output", str(out))
+    assert r.code == 0, r.text
+    batches = [b["paths"] for b in json.loads(out.read_text())["batches"]]
+    assert len(batches) == 2
+    r = cli("batch-download", "org/data", *space, "--hf-cache", str(disk1), "--tool", "python")
+    assert r.code == 0, r.text
+    r = cli("batch-continue", "task_001", "2", "--hf-cache", str(disk2), "--tool", "python")
+    assert r.code == 0, r.text
+    for number, (disk, paths) in enumerate(((disk1, batches[0]), (disk2, batches[1])), 1):
+        folder = disk / "datasets--org--data"
+        snapshot = folder / "snapshots" / commit
+        # the marker beside the snapshot, which holds the batch's files and nothing else
+        marker = json.loads((folder / MARKER).read_text())
+        assert [e["batch"] for e in marker["batches"]] == [number]
+        assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                      if p.is_symlink()) == sorted(paths)
+        found = probe(disk, "org/data", "dataset", "main", paths)
+        assert found["files"] == {p: str(snapshot / p) for p in paths}
+        assert found["warnings"] == []
+    assert cli("verify", "task_001", "--batch", "2").code == 0
+    r = cli("batch-status", "task_001", "--json")
+    assert [row["state"] for row in json.loads(r.out)["batches"]] == ["completed"] * 2
