@@ -366,6 +366,30 @@ def test_without_symlinks_files_stay_real_files_as_huggingface_hub_does(cli: Cli
     assert not (cache / "models--org--model").exists()
 
 
+def test_a_filesystem_refusing_symlinks_is_probed_and_blobs_move_into_the_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No filesystem without symlinks can be mounted here (no vfat in this kernel): os.symlink
+    refusing, as it does there, stands in for one, under huggingface_hub's own probe."""
+    import errno
+
+    import hf_cache
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+    folder = tmp_path / "models--org--model"
+    snapshot = folder / "snapshots" / ("c" * 40)
+    (folder / "blobs").mkdir(parents=True)
+    blob = folder / "blobs" / ("e" * 64)
+    blob.write_bytes(b"weights")
+    monkeypatch.setattr(os, "symlink", refuse)
+    with pytest.warns(UserWarning, match="does not support them"):      # the library's own
+        assert not hf_cache.symlinks_supported(snapshot)
+    hf_cache.link_blob(blob, snapshot / "sub" / "model.safetensors")
+    final = snapshot / "sub" / "model.safetensors"
+    assert final.is_file() and not final.is_symlink() and final.read_bytes() == b"weights"
+    assert not blob.exists()                 # moved, as huggingface_hub does with a new blob
+
+
 def readme_python_recipe() -> str:
     """The python block of the README's 'Use with transformers / vLLM' section."""
     from tests.helpers import ROOT
