@@ -260,6 +260,7 @@ def download_one(run: Run, f: RemoteFile) -> None:
                                                          run.log)):
                 return
             job.partial.prepare()
+            job.partial.adopt_leftover()          # under the blob lock: no one writes it now
         except (UnsafePathError, NotADirectoryError, FileExistsError) as exc:
             _refuse_file(run, f, str(exc) if isinstance(exc, UnsafePathError)
                          else f"a parent folder of {printable(f.path)} is a file")

@@ -362,8 +362,6 @@ class Partial:
         self._check_folder()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.check()                          # nothing swapped in while we made the folders
-        if self.blob is not None:
-            self._adopt_leftover()
         old = [self.old_path, self.old_path.with_name(self.old_path.name + ".aria2"),
                self.old_path.with_name(self.old_path.name + ".parts")]
         try:
@@ -378,12 +376,13 @@ class Partial:
                 if stat.S_ISREG(os.lstat(src).st_mode):
                     os.replace(src, dst)
 
-    def _adopt_leftover(self) -> None:
+    def adopt_leftover(self) -> None:
         """Continue from the bytes a killed hf_hub_download left: huggingface_hub writes a blob
         sequentially into blobs/<etag>.<8 hex>.incomplete (a name unique to its process) and
         never reuses it. Call holding the blob lock (no one is writing it then); the longest
         such file becomes ours when we have none, the others are removed."""
-        assert self.blob is not None
+        if self.blob is None:
+            return
         pattern = re.compile(re.escape(self.blob.name) + r"\.[0-9a-f]{8}\.incomplete")
         try:
             names = [n for n in os.listdir(self.path.parent) if pattern.fullmatch(n)]
