@@ -440,10 +440,6 @@ class Partial:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            # side files without their bytes (e.g. `hf cache prune` removed blobs/*.incomplete)
-            for side in (self.control, self.part_map):
-                with contextlib.suppress(FileNotFoundError):
-                    side.unlink()
             return "none"
         if self.control.exists():
             return "aria2"
