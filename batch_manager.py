@@ -125,9 +125,10 @@ def unstarted_plans(store: TaskStore, repo_id: str | None = None, repo_type: str
 
 
 def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
-                  list_files: Callable[[], tuple[Listing, str]], local_dir: Path,
-                  metadata_dir: Path) -> PlanChoice:
+                  list_files: Callable[[], tuple[Listing, str]],
+                  local_dir: Path | Callable[[str], Path], metadata_dir: Path) -> PlanChoice:
     """The batch task of the same repo, filters, space and margin; planned now if new.
+    `local_dir` may depend on the commit planned (a snapshot of the hub cache).
 
     `list_files` returns (dataset_manager.Listing, endpoint); it is called only when a new plan
     is needed, so reusing a plan needs no network."""
@@ -136,6 +137,8 @@ def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
         return PlanChoice(task, load_task_plan(store, task.id), True)
     import dataset_manager
     listing, endpoint = list_files()
+    if callable(local_dir):
+        local_dir = local_dir(listing.commit)
     plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
     with store.creation_lock():        # another process may have planned it meanwhile
         task = store.find(identity)
@@ -292,11 +295,18 @@ def disk_identity(target: Path) -> dict[str, Any]:
             "mount_point": usage.mount_point, "disk_id": marker.get("disk_id") if marker else None}
 
 
+def marker_path(target: Path) -> Path:
+    """The marker's file: in the target folder, or in the repo folder of a hub cache snapshot
+    (a snapshot holds the repo's files only, as huggingface_hub expects)."""
+    from utils import cache_repo_of
+    return (cache_repo_of(Path(target)) or Path(target)) / MARKER_NAME
+
+
 def read_marker(target: Path) -> dict[str, Any] | None:
     """The marker this tool leaves on a batch's disk, or None (no marker, or unreadable)."""
     from utils import read_json
     try:
-        marker = read_json(Path(target) / MARKER_NAME)
+        marker = read_json(marker_path(target))
     except (HFDError, OSError):
         return None
     return marker if isinstance(marker.get("batches"), list) else None
@@ -315,7 +325,7 @@ def write_marker(target: Path, task: Task, plan: Plan, number: int,
                     "updated_at": now_iso()})
     marker["batches"] = sorted(entries, key=lambda e: (e.get("plan_id", ""), e.get("batch", 0)))
     Path(target).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(target) / MARKER_NAME, marker)
+    write_json_atomic(marker_path(target), marker)
     return marker["disk_id"]
 
 

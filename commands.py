@@ -159,8 +159,9 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     report_refused(listing)
     _require_files(listing, repo)
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
-    if cfg.get("hf_cache"):
-        local_dir = _cache_snapshot(args, cfg, repo, listing.commit)
+    cache = _cache_root(args, cfg)
+    if cache is not None:
+        local_dir = _snapshot(cache, repo.repo_id, repo.repo_type, listing.commit)
     if args.dry_run:
         from file_tracker import files_on_disk
         render.file_listing(listing, files_on_disk(listing.files, local_dir), local_dir,
@@ -169,7 +170,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     req = downloader.DownloadRequest(repo.repo_id, repo.repo_type, repo.revision, local_dir,
                                      repo.include, repo.exclude, args.prune)
     store = TaskStore(cfg.metadata_dir)
-    run = _run_settings(args, cfg, store.find(req.identity()))
+    run = _run_settings(args, cfg, req.find(store))
     opts = run.opts
     _announce(args.quiet, listing, local_dir, downloader.choose_tool(opts.tool), opts, endpoint)
     outcome = downloader.download_repo(store, req, listing,
@@ -185,15 +186,25 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     return report_result(outcome.task, outcome.result, args.json)
 
 
-def _cache_snapshot(args: Namespace, cfg: config.Config, repo: Any, commit: str) -> Path:
-    """--hf-cache: the snapshot folder of the commit in the hub cache (not with --local-dir)."""
+def _cache_root(args: Namespace, cfg: config.Config) -> Path | None:
+    """--hf-cache [DIR] (or HFDL_HF_CACHE): the hub cache to download into; None: a plain
+    folder. The flag and --local-dir name two targets; the setting yields to --local-dir."""
+    if not cfg.get("hf_cache"):
+        return None
+    if getattr(args, "local_dir", None):
+        if cfg.source("hf_cache") == "flag":
+            raise UsageError("--hf-cache and --local-dir name two targets",
+                             hint="give one: the cache layout, or a plain folder")
+        print("note: --local-dir wins over HFDL_HF_CACHE: a plain folder, not the hub cache "
+              "(--no-hf-cache turns the setting off for one run)", file=sys.stderr)
+        return None
+    return Path(cfg.get("hf_cache"))
+
+
+def _snapshot(cache: Path, repo_id: str, repo_type: str, commit: str) -> Path:
+    """The folder a cache-mode task downloads into: the commit's snapshot in the hub cache."""
     import hf_cache
-    if args.local_dir and cfg.source("hf_cache") == "flag":
-        raise UsageError("--hf-cache and --local-dir name two targets",
-                         hint="give one: the cache layout, or a plain folder")
-    if args.local_dir:       # the environment's cache mode yields to an explicit folder
-        return target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
-    return hf_cache.snapshot_dir(Path(cfg.get("hf_cache")), repo.repo_id, repo.repo_type, commit)
+    return hf_cache.snapshot_dir(cache, repo_id, repo_type, commit)
 
 
 def only_files(repo: RepoChoice, listing: Any, files: list[str]) -> tuple[RepoChoice, Any]:
@@ -503,9 +514,13 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, Plan
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
                                  repo.exclude, args.available_space, args.safety_margin)
-    choice = bm.plan_or_reuse(store, identity, lambda: _batch_listing(cfg, repo),
-                              target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id),
+    cache = _cache_root(args, cfg)        # each disk holds a hub cache: the plan's snapshot
+    folder: Any = (target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id) if cache is None
+                   else lambda commit: _snapshot(cache, repo.repo_id, repo.repo_type, commit))
+    choice = bm.plan_or_reuse(store, identity, lambda: _batch_listing(cfg, repo), folder,
                               cfg.metadata_dir)
+    if cache is not None and choice.reused:       # this disk's cache, for batch-download
+        args.local_dir = str(folder(choice.task.commit))
     if choice.reused:
         say(args.quiet, f"reusing the plan of {choice.task.id} "
                         f"(pinned at {str(choice.task.commit)[:12]})")
@@ -549,13 +564,19 @@ def cmd_batch_download(args: Namespace, cfg: config.Config) -> int:
 def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
     store = TaskStore(cfg.metadata_dir)
+    # only the flag: the task remembers its target, HFDL_HF_CACHE does not move it
+    cache = _cache_root(args, cfg) if cfg.source("hf_cache") == "flag" else None
     if args.task.endswith(".json") or os.path.isfile(args.task):
         plan = bm.read_plan_file(args.task)
-        local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id)
+        local_dir = (target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id) if cache is None
+                     else _snapshot(cache, plan.repo_id, plan.repo_type, plan.commit))
         task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
     else:
         task = store.get(normalize_id(args.task))
-    return _run_batch(cfg, store, task, args.batch, args.local_dir, args)
+    target = args.local_dir
+    if cache is not None:        # the disk's hub cache, mounted here now
+        target = str(_snapshot(cache, task.repo_id, task.repo_type, str(task.commit)))
+    return _run_batch(cfg, store, task, args.batch, target, args)
 
 
 def _run_batch(cfg: config.Config, store: TaskStore, task: Task, number: int, local_dir: str | None,

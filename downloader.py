@@ -248,6 +248,17 @@ class DownloadRequest:
                 "revision": self.revision, "local_dir": str(self.local_dir),
                 "include": list(self.include), "exclude": list(self.exclude)}
 
+    def find(self, store: TaskStore) -> Task | None:
+        """The task of the same download. In the hub cache the folder is the commit's snapshot:
+        the task of a sibling snapshot (the branch moved since) is the same download too."""
+        if not hf_cache.is_snapshot(self.local_dir):
+            return store.find(self.identity())
+        same = {k: v for k, v in self.identity().items() if k != "local_dir"}
+        snapshots = str(Path(self.local_dir).parent)
+        found = [t for t in store.all().values() if t.matches(same)
+                 and str(Path(t.local_dir).parent) == snapshots]
+        return max(found, key=lambda t: t.id) if found else None
+
 
 @dataclass
 class DownloadOutcome:
@@ -265,7 +276,7 @@ def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
     """Find the task of the same download (resume it, syncing to a new commit) or create one.
     Internal to download_repo, which holds the lock of an existing task around it;
     returns (task, tracker, sync report)."""
-    existing = store.find(req.identity())
+    existing = req.find(store)
     if existing is None:
         task = store.create({**req.identity(), "commit": listing.commit,
                              "files_total": len(listing.files), "bytes_total": listing.total_size})
@@ -280,7 +291,8 @@ def open_task(store: TaskStore, req: DownloadRequest, listing: Listing,
         # for a commit whose new files are missing.
         behind = summary["files_done"] < summary["files_total"] and \
             existing.status is TaskState.COMPLETED
-        existing = store.update(existing.id, commit=listing.commit, **summary,
+        moved = {"local_dir": str(req.local_dir)} if hf_cache.is_snapshot(req.local_dir) else {}
+        existing = store.update(existing.id, commit=listing.commit, **summary, **moved,
                                 **({"status": TaskState.PAUSED,
                                     "reason": "new commit: files to fetch"} if behind else {}))
     return existing, tracker, sync
@@ -320,7 +332,7 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
     or finished."""
     with contextlib.ExitStack() as held:
         with store.creation_lock():
-            existing = store.find(req.identity())
+            existing = req.find(store)
             if existing is None:
                 # Refuse before creating anything: no task, no folder, no file.
                 import system_monitor

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+import hf_cache
 from dataset_manager import RemoteFile, file_url
 from file_tracker import FileState, FileTracker, check_file
 from hub_http import capped_wait
@@ -200,7 +201,24 @@ def finish_file(job: Job, digest: str | None) -> None:
     if check.verdict != "ok":
         raise FetchError(f"{f.hash_kind} mismatch: got {str(check.digest)[:12]}..., expected "
                          f"{f.expected_hash[:12]}...", FailureKind.BAD_PARTIAL)
-    job.partial.promote_to(job.final)
+    if job.partial.blob is not None:      # hub cache: the blob, then the snapshot's link to it
+        job.partial.promote_to(job.partial.blob)
+        hf_cache.link_blob(job.partial.blob, job.final)
+    else:
+        job.partial.promote_to(job.final)
+
+
+def blob_ready(job: Job) -> bool:
+    """Hub cache, under the blob lock: is the blob already whole (another program or task
+    finished it meanwhile)? Then it is checked, linked into the snapshot, our partial removed."""
+    blob, f = job.partial.blob, job.file
+    if blob is None or not blob.is_file() or blob.stat().st_size != f.size:
+        return False
+    if check_file(blob, f).verdict != "ok":
+        return False                  # fetched again: the new bytes replace it
+    hf_cache.link_blob(blob, job.final)
+    job.partial.discard()
+    return True
 
 
 def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
@@ -231,17 +249,34 @@ def _refuse_file(run: Run, f: RemoteFile, why: str) -> None:
 
 
 def download_one(run: Run, f: RemoteFile) -> None:
-    """All attempts for one file; records each failure on the file."""
+    """All attempts for one file; records each failure on the file. In the hub cache, under
+    the blob's lock (a run stopped while another program holds it leaves the file pending)."""
+    with contextlib.ExitStack() as held:
+        try:
+            job = make_job(run, f)
+            job.final.parent.mkdir(parents=True, exist_ok=True)
+            safe_target(run.local_dir, f.path)    # nothing swapped in while making the folders
+            if not held.enter_context(hf_cache.blob_lock(job.partial, run.stopper.event,
+                                                         run.log)):
+                return
+            job.partial.prepare()
+            job.partial.adopt_leftover()          # under the blob lock: no one writes it now
+        except (UnsafePathError, NotADirectoryError, FileExistsError) as exc:
+            _refuse_file(run, f, str(exc) if isinstance(exc, UnsafePathError)
+                         else f"a parent folder of {printable(f.path)} is a file")
+            return
+        if blob_ready(job):
+            run.progress.file_started(f.path, 0, f.size)
+            run.tracker.start(f.path)
+            run.tracker.complete(f.path, f.size)
+            run.log.info("done: %s (its blob was already in the cache)", printable(f.path))
+            run.progress.file_done(f.path, f.size, True, "")
+            return
+        _download_attempts(run, f, job)
+
+
+def _download_attempts(run: Run, f: RemoteFile, job: Job) -> None:
     tracker, stop = run.tracker, run.stopper.event
-    try:
-        job = make_job(run, f)
-        job.final.parent.mkdir(parents=True, exist_ok=True)
-        safe_target(run.local_dir, f.path)        # nothing swapped in while making the folders
-        job.partial.prepare()
-    except (UnsafePathError, NotADirectoryError, FileExistsError) as exc:
-        _refuse_file(run, f, str(exc) if isinstance(exc, UnsafePathError)
-                     else f"a parent folder of {printable(f.path)} is a file")
-        return
     backend = run.backend_for(job)
     prepare_partial(job, backend)
     run.progress.file_started(f.path, job.partial.bytes_on_disk(), f.size)

@@ -1,11 +1,12 @@
 """The Hugging Face hub cache layout (`download --hf-cache`): where a repo's snapshot, blobs and
 refs live, and turning the files of a finished download into blobs with relative symlinks.
 
-A cache-mode task downloads into `<cache>/models--ORG--NAME/snapshots/<commit>/` like any
-other folder (partials, checks and promotion as usual); each file at its final name is then
-moved to `blobs/<etag>` (sha256 for LFS files, the git blob sha1 for the others) and replaced
-by a relative symlink to it. The names come from huggingface_hub's own helpers, so the layout
-follows the library that transformers, diffusers and vLLM load from.
+A cache-mode task downloads into `<cache>/models--ORG--NAME/snapshots/<commit>/`. Its partials
+live where huggingface_hub keeps its own (`blobs/<etag>.incomplete`, see utils.Partial), written
+under huggingface_hub's blob lock; a checked file becomes `blobs/<etag>` (sha256 for LFS files,
+the git blob sha1 for the others) and the snapshot gets a relative symlink to it. The names come
+from huggingface_hub's own helpers, so the layout follows the library that transformers,
+diffusers and vLLM load from.
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from dataset_manager import RemoteFile
-from utils import UnsafePathError, safe_join, safe_target
+from utils import CACHE_REPO_PREFIXES, Partial, UnsafePathError, cache_repo_of, safe_join, safe_target
 
-REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+REPO_PREFIXES = CACHE_REPO_PREFIXES
 
 
 def default_cache() -> Path:
@@ -44,9 +46,7 @@ def snapshot_dir(cache: Path, repo_id: str, repo_type: str, commit: str) -> Path
 
 def is_snapshot(local_dir: Path) -> bool:
     """Is this task folder a snapshot of the hub cache (so its files become blobs + symlinks)?"""
-    local_dir = Path(local_dir)
-    return (local_dir.parent.name == "snapshots"
-            and local_dir.parent.parent.name.startswith(REPO_PREFIXES))
+    return cache_repo_of(Path(local_dir)) is not None
 
 
 def blob_path(local_dir: Path, f: RemoteFile) -> Path:
@@ -58,8 +58,12 @@ def blob_path(local_dir: Path, f: RemoteFile) -> Path:
 def symlinks_supported(local_dir: Path) -> bool:
     """Whether the cache's filesystem takes symlinks (huggingface_hub's own probe, which also
     honours HF_HUB_DISABLE_SYMLINKS)."""
+    return _symlinks_in(Path(local_dir).parent.parent)
+
+
+def _symlinks_in(repo: Path) -> bool:
     from huggingface_hub.file_download import are_symlinks_supported
-    return are_symlinks_supported(Path(local_dir).parent.parent)
+    return are_symlinks_supported(repo)
 
 
 def write_ref(local_dir: Path, revision: str, commit: str, log: logging.Logger) -> None:
@@ -85,6 +89,47 @@ def _link(blob: Path, final: Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def blob_lock(partial: Partial, stop: threading.Event,
+              log: logging.Logger) -> Iterator[bool]:
+    """Hold huggingface_hub's lock of the partial's blob (.locks/<repo folder>/<etag>.lock, the
+    one hf_hub_download holds while it writes that blob), so two programs never write the same
+    blob at once. Yields False if the run stops while another program holds it; a partial
+    outside the hub cache needs no lock (yields True)."""
+    if partial.lock is None:
+        yield True
+        return
+    from filelock import FileLock, Timeout
+    partial.lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(partial.lock), mode=0o664)      # group-writable, as huggingface_hub's
+    said = False
+    while not stop.is_set():
+        try:
+            lock.acquire(timeout=0.5)
+        except Timeout:
+            if not said:
+                said = True
+                log.info("%s: waiting for another program writing this blob (%s)",
+                         partial.relpath, partial.lock)
+            continue
+        try:
+            yield True
+        finally:
+            lock.release()
+        return
+    yield False
+
+
+def link_blob(blob: Path, final: Path) -> None:
+    """A checked blob into the snapshot: a relative symlink at `final`, or, where the
+    filesystem has no symlinks, the blob moved there, as huggingface_hub does with a new blob."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if _symlinks_in(blob.parent.parent):
+        _link(blob, final)
+    else:
+        os.replace(blob, final)
+
+
 def _kind(path: Path) -> str:
     try:
         mode = os.lstat(path).st_mode
@@ -103,6 +148,8 @@ def link_snapshot(files: Iterable[RemoteFile], done: set[str], local_dir: Path,
     local_dir = Path(local_dir)
     if not symlinks_supported(local_dir):
         return _copy_shared(list(files), done, local_dir, log)
+    files = list(files)
+    _drop_stale_partials(files, local_dir)
     made = 0
     for f in files:
         try:
@@ -122,6 +169,19 @@ def link_snapshot(files: Iterable[RemoteFile], done: set[str], local_dir: Path,
     if made:
         log.info("%s: %d files linked to their blobs", local_dir, made)
     return made
+
+
+def _drop_stale_partials(files: list[RemoteFile], local_dir: Path) -> None:
+    """Our partials of blobs another program (hf_hub_download) has finished since: of no use."""
+    blobs = local_dir.parent.parent / "blobs"
+    try:
+        names = {n[:-len(".incomplete")] for n in os.listdir(blobs) if n.endswith(".incomplete")}
+    except OSError:
+        return
+    for f in files:
+        if f.expected_hash in names and _size(blobs / f.expected_hash) == f.size:
+            with contextlib.suppress(ValueError):
+                Partial(local_dir, f.path, f.expected_hash).discard()
 
 
 _WARNED: set[str] = set()

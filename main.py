@@ -199,6 +199,16 @@ def _tool_args(p: argparse.ArgumentParser) -> None:
                    help="free space always kept (env HFDL_DISK_RESERVE; default 1G)")
 
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--hf-cache", nargs="?", const="1", metavar="DIR", action=_CacheDir,
+                       help="into the Hugging Face hub cache at DIR (default: the one "
+                            "huggingface_hub uses), where transformers, diffusers and vLLM find "
+                            "it offline")
+    group.add_argument("--no-hf-cache", action="store_true",
+                       help="not into the hub cache, whatever HFDL_HF_CACHE says")
+
+
 def _json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -220,9 +230,7 @@ def build_parser() -> Parser:
                    help="only these files (exact repo paths, as in 'hf download gpt2 config.json')")
     _tool_args(p)
     p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
-    p.add_argument("--hf-cache", nargs="?", const="1", metavar="DIR", action=_CacheDir,
-                   help="into the Hugging Face hub cache at DIR (default: the one huggingface_hub "
-                        "uses), where transformers, diffusers and vLLM find it offline")
+    _cache_args(p)
     p.add_argument("--dry-run", action="store_true", help="list files and sizes; download nothing")
     p.add_argument("--prune", action="store_true",
                    help="delete the files this task downloaded that the current commit "
@@ -320,6 +328,7 @@ def build_parser() -> Parser:
         p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
                        help="fill each disk to at most this fraction (default 0.9)")
         p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
+        _cache_args(p)
 
     p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
     _repo_args(p)
@@ -339,6 +348,7 @@ def build_parser() -> Parser:
     p.add_argument("task", help="batch task id, or a plan file written by plan-batch --output")
     p.add_argument("batch", type=_positive_int, help="batch number")
     p.add_argument("--local-dir", type=_folder, help="target folder (default: the task's)")
+    _cache_args(p)
     p.add_argument("--force", action="store_true",
                    help="write batch N even onto a disk whose marker holds another batch "
                         "(a warning instead of a refusal)")
@@ -405,7 +415,8 @@ def load_settings(args: argparse.Namespace) -> config.Config:
              "tool": getattr(args, "tool", None), "disk_reserve": getattr(args, "reserve", None),
              "disk_warn_percent": getattr(args, "disk_warn_percent", None),
              "no_mirror": True if getattr(args, "no_mirror", False) else None,
-             "hf_cache": getattr(args, "hf_cache", None)}
+             "hf_cache": "off" if getattr(args, "no_hf_cache", False)
+             else getattr(args, "hf_cache", None)}
     return config.load_config(flags)
 
 

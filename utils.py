@@ -282,6 +282,19 @@ def hub_name_problem(name: str) -> str | None:
     return None
 
 
+CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")     # huggingface_hub's
+
+
+def cache_repo_of(folder: Path) -> Path | None:
+    """The repo folder (<cache>/models--ORG--NAME) when `folder` is one of its snapshots
+    (<repo folder>/snapshots/<commit>), else None."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(
+            CACHE_REPO_PREFIXES):
+        return folder.parent.parent
+    return None
+
+
 class Partial:
     """The bytes of one version of a file until they are whole and checked, with the side files
     the backends keep beside them. The only code that knows their names.
@@ -289,7 +302,12 @@ class Partial:
     They live in <target>/.hfdl/partial/<path>.<hash10>.incomplete, out of the repo's own
     namespace (a repo file may be called anything, including another file's partial name).
     The version (hash prefix) is in the name, so a partial is only ever continued against the
-    same file version, whatever the metadata says after a crash."""
+    same file version, whatever the metadata says after a crash.
+
+    In a snapshot of the Hugging Face hub cache (`download --hf-cache`) they live where
+    huggingface_hub keeps its own: <repo folder>/blobs/<etag>.incomplete (its side files beside
+    it), written under huggingface_hub's blob lock <cache>/.locks/<repo folder>/<etag>.lock;
+    the checked bytes become blobs/<etag> (`blob`)."""
 
     def __init__(self, root: Path, relpath: str, expected_hash: str) -> None:
         self.root, self.relpath = Path(root), relpath
@@ -298,12 +316,27 @@ class Partial:
         if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
             name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
         self.rel = posixpath.join(SIDE_FOLDER, "partial", head, name + suffix)
-        self.path = safe_join(self.root, self.rel)
-        self.control = self.path.with_name(self.path.name + ".aria2")   # aria2c's control file
-        self.part_map = self.path.with_name(self.path.name + ".parts")  # python's ranged parts
         # where versions before .hfdl/ kept it: beside the final name
         final = safe_join(self.root, relpath)
         self.old_path = final.with_name(f"{name}{suffix}")
+        self.blob: Path | None = None
+        self.lock: Path | None = None
+        repo = cache_repo_of(self.root)
+        if repo is not None:
+            self._in_blobs(repo, expected_hash)
+        self.path = safe_join(self.root, self.rel)
+        self.control = self.path.with_name(self.path.name + ".aria2")   # aria2c's control file
+        self.part_map = self.path.with_name(self.path.name + ".parts")  # python's ranged parts
+
+    def _in_blobs(self, repo: Path, etag: str) -> None:
+        """A hub cache snapshot's partial: blobs/<etag>.incomplete, as huggingface_hub names
+        its own (`blob_path + ".incomplete"`); the old place, the snapshot's .hfdl/, is adopted."""
+        if not etag or "/" in etag or etag.startswith("."):
+            raise ValueError(f"not a blob name: {etag!r}")
+        self.old_path = safe_join(self.root, self.rel)
+        self.root, self.rel = repo, posixpath.join("blobs", etag + ".incomplete")
+        self.blob = repo / "blobs" / etag
+        self.lock = repo.parent / ".locks" / repo.name / f"{etag}.lock"
 
     def __repr__(self) -> str:
         return f"Partial({str(self.path)!r})"
@@ -342,6 +375,32 @@ class Partial:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISREG(os.lstat(src).st_mode):
                     os.replace(src, dst)
+
+    def adopt_leftover(self) -> None:
+        """Continue from the bytes a killed hf_hub_download left: huggingface_hub writes a blob
+        sequentially into blobs/<etag>.<8 hex>.incomplete (a name unique to its process) and
+        never reuses it. Call holding the blob lock (no one is writing it then); the longest
+        such file becomes ours when we have none, the others are removed."""
+        if self.blob is None:
+            return
+        pattern = re.compile(re.escape(self.blob.name) + r"\.[0-9a-f]{8}\.incomplete")
+        try:
+            names = [n for n in os.listdir(self.path.parent) if pattern.fullmatch(n)]
+        except OSError:
+            return
+        left = []
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.path.parent / name)
+                if stat.S_ISREG(st.st_mode):
+                    left.append((st.st_size, name))
+        left.sort(reverse=True)
+        if left and not os.path.lexists(self.path) and not os.path.lexists(self.control) \
+                and not os.path.lexists(self.part_map):
+            os.replace(self.path.parent / left.pop(0)[1], self.path)
+        for _size, name in left:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path.parent / name)
 
     def open(self, mode: str) -> Any:
         """Open the partial for writing without following a symlink at its name."""

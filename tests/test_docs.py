@@ -72,6 +72,10 @@ PROMISES = {
     "batch-download big-org/corpus --dataset --available-space 10T --local-dir /mnt/data/corpus":
         ["mnt/data/corpus/.hf-downloader-batch.json", "mnt/data/corpus/data/part-00/shard-00000.parquet"],
     "batch-continue task_001 2": ["mnt/data/corpus/data/part-01/shard-00004.parquet"],
+    "batch-download big-org/corpus --dataset --available-space 10T --hf-cache /mnt/data/hf-cache":
+        ["mnt/data/hf-cache/datasets--big-org--corpus/.hf-downloader-batch.json"],
+    "batch-continue task_001 2 --hf-cache /media/usb/hf-cache":
+        ["media/usb/hf-cache/datasets--big-org--corpus/.hf-downloader-batch.json"],
     "--metadata-dir /path/to/metadata --downloads-dir /path/to/downloads download gpt2":
         ["path/to/downloads/gpt2/config.json", "path/to/metadata/tasks.json"],
     "--metadata-dir /tmp/metadata --downloads-dir /tmp/downloads download test-model":

@@ -179,6 +179,22 @@ def test_default_cache_is_huggingface_hubs_and_local_dir_conflicts(cli: Cli, hub
     assert r.code == 2 and "put the repo first" in error_lines(r)[0]
 
 
+def test_local_dir_over_the_env_setting_says_so_and_no_hf_cache_turns_it_off(
+        cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/model", {"config.json": b"{}"})
+    env = {"HFDL_HF_CACHE": str(tmp_path / "cache")}
+    r = cli("download", "org/model", "--local-dir", str(tmp_path / "plain"), env=env)
+    assert r.code == 0, r.text
+    notes = [line for line in r.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--local-dir wins over HFDL_HF_CACHE" in notes[0], r.err
+    assert not (tmp_path / "plain" / "config.json").is_symlink()
+    r = cli("download", "org/model", "--no-hf-cache", "-q", env=env)
+    assert r.code == 0 and r.out.strip() == str(tmp_path / "downloads" / "org--model"), r.text
+    assert "note:" not in r.err and not (tmp_path / "cache").exists()
+    r = cli("download", "org/model", "--hf-cache", "--no-hf-cache")
+    assert r.code == 2 and "not allowed with" in error_lines(r)[0]
+
+
 @pytest.mark.parametrize("value", ["1", "on"])
 def test_env_setting_one_means_the_librarys_cache(cli: Cli, hub: FakeHub, tmp_path: Path,
                                                   value: str) -> None:
@@ -301,27 +317,31 @@ def test_kill9_resume_verify_sync_and_clean_in_cache_mode(cli: Cli, hub: FakeHub
     assert cli("resume", "task_001").code == 0
     assert blob.read_bytes() == b"{}" and (snapshot / "config.json").is_symlink()
 
-    # the branch moves: a new snapshot, the unchanged blob reused, refs/main moved
+    # the branch moves: the same task goes to a new snapshot, the unchanged blob reused,
+    # refs/main moved (the old snapshot stays, a detached revision, as huggingface_hub leaves it)
     second = hub.add_commit("org/model", {"b.safetensors": Content(1000, seed=7)})
     hub.reset_log()
     r = cli("download", "org/model", "--hf-cache", str(cache))
     assert r.code == 0, r.text
     assert hub.file_downloads("a.safetensors") == 0 and hub.file_downloads("b.safetensors") == 1
     assert (folder / "refs" / "main").read_text() == second
+    tasks = json.loads((cli.root / "metadata" / "tasks.json").read_text())["tasks"]
+    assert list(tasks) == ["task_001"]
+    assert tasks["task_001"]["local_dir"] == str(folder / "snapshots" / second)
+    assert tasks["task_001"]["commit"] == second
     found = probe(cache, "org/model", "model", "main", list(big))
     assert found["snapshot"] == str(folder / "snapshots" / second)
+    assert cli("verify", "task_001").code == 0
 
-    # clean --delete-files of the first task: its snapshot and its own blob go, shared ones stay
-    old_b = os.path.realpath(snapshot / "b.safetensors")
+    # clean --delete-files: the task's snapshot and its own blob go, the shared ones stay
+    new_b = os.path.realpath(folder / "snapshots" / second / "b.safetensors")
     r = cli("clean", "--delete-files", "task_001")
     assert r.code == 0, r.text
-    assert not snapshot.exists() and not os.path.exists(old_b)
+    assert not (folder / "snapshots" / second).exists() and not os.path.exists(new_b)
     assert len(list((folder / "blobs").iterdir())) == 3
-    found = probe(cache, "org/model", "model", "main", list(big))
-    assert found["repos"][0]["revisions"] == [[second, ["main"], 3]]
+    found = probe(cache, "org/model", "model", first, list(big))
+    assert found["repos"][0]["revisions"] == [[first, [], 3]]
     assert found["warnings"] == []
-    r = cli("clean", "--delete-files", "task_002")
-    assert r.code == 0 and not folder.exists(), r.text
 
 
 def test_without_symlinks_files_stay_real_files_as_huggingface_hub_does(cli: Cli, hub: FakeHub,
@@ -344,6 +364,30 @@ def test_without_symlinks_files_stay_real_files_as_huggingface_hub_does(cli: Cli
     assert cli("verify", "task_001").code == 0
     assert cli("clean", "--delete-files").code == 0
     assert not (cache / "models--org--model").exists()
+
+
+def test_a_filesystem_refusing_symlinks_is_probed_and_blobs_move_into_the_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No filesystem without symlinks can be mounted here (no vfat in this kernel): os.symlink
+    refusing, as it does there, stands in for one, under huggingface_hub's own probe."""
+    import errno
+
+    import hf_cache
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+    folder = tmp_path / "models--org--model"
+    snapshot = folder / "snapshots" / ("c" * 40)
+    (folder / "blobs").mkdir(parents=True)
+    blob = folder / "blobs" / ("e" * 64)
+    blob.write_bytes(b"weights")
+    monkeypatch.setattr(os, "symlink", refuse)
+    with pytest.warns(UserWarning, match="does not support them"):      # the library's own
+        assert not hf_cache.symlinks_supported(snapshot)
+    hf_cache.link_blob(blob, snapshot / "sub" / "model.safetensors")
+    final = snapshot / "sub" / "model.safetensors"
+    assert final.is_file() and not final.is_symlink() and final.read_bytes() == b"weights"
+    assert not blob.exists()                 # moved, as huggingface_hub does with a new blob
 
 
 def readme_python_recipe() -> str:
@@ -374,3 +418,177 @@ def test_metadata_paths_are_the_ones_huggingface_hub_reads(tmp_path: Path, name:
     from hf_cache import local_metadata_path
     assert local_metadata_path(tmp_path, name) == \
         get_local_download_paths(tmp_path, name).metadata_path
+
+
+# ---------------------------------------------------------------- partials shared with huggingface_hub
+
+BIG = {"a.safetensors": Content(4 << 20, seed=11), "b.safetensors": Content(4 << 20, seed=12),
+       "config.json": b"{}"}
+
+
+def hf_env(hub: FakeHub, cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFDL_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HOME=str(cache.parent / "hf-home-dl"))
+    return env
+
+
+HF_GET = ("import sys; from huggingface_hub import hf_hub_download; "
+          "print(hf_hub_download(sys.argv[1], sys.argv[2]))")
+
+
+def incomplete(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (folder / "blobs").glob("*.incomplete")}
+
+
+def assert_whole(cache: Path, commit: str, files: dict[str, Any]) -> None:
+    """Every file byte-identical through its snapshot link; no partial left in blobs/."""
+    folder = cache / "models--org--model"
+    for path, data in files.items():
+        link = folder / "snapshots" / commit / path
+        assert link.is_symlink(), path
+        assert link.read_bytes() == (data if isinstance(data, bytes) else content_bytes(data)), path
+    assert list((folder / "blobs").glob("*.incomplete*")) == []
+
+
+def test_partial_names_are_huggingface_hubs(tmp_path: Path) -> None:
+    from huggingface_hub.file_download import repo_folder_name
+
+    from utils import Partial
+    folder = tmp_path / repo_folder_name(repo_id="org/model", repo_type="model")
+    snapshot = folder / "snapshots" / ("c" * 40)
+    partial = Partial(snapshot, "sub/model.safetensors", "e" * 64)
+    # file_download._hf_hub_download_to_cache_dir: blob_path + ".incomplete", and its lock
+    blob = os.path.join(str(folder), "blobs", "e" * 64)
+    assert str(partial.path) == blob + ".incomplete" and str(partial.blob) == blob
+    assert str(partial.lock) == os.path.join(str(tmp_path), ".locks", folder.name, "e" * 64 + ".lock")
+    assert partial.control.parent == partial.part_map.parent == folder / "blobs"
+    assert Partial(tmp_path / "plain", "x.bin", "e" * 64).blob is None     # elsewhere: .hfdl/
+
+
+def test_killed_in_cache_mode_then_hf_hub_download_then_resume(cli: Cli, hub: FakeHub,
+                                                               tmp_path: Path) -> None:
+    import signal
+
+    from tests.helpers import wait_for
+    commit = hub.add_repo("org/model", BIG)
+    cache = tmp_path / "cache"
+    folder = cache / "models--org--model"
+    hub.bandwidth_per_conn = 2_000_000
+    proc = cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
+                     "-j", "3", "-x", "1")
+    assert wait_for(lambda: len([n for n, size in incomplete(folder).items() if size > 1 << 19])
+                    == 2, 30)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    hub.bandwidth_per_conn = 0
+    # our partials are where huggingface_hub keeps its own: its scan reports them as such
+    left = incomplete(folder)
+    assert not (folder / "snapshots" / commit / ".hfdl").exists()
+    code = ("import json; from huggingface_hub import scan_cache_dir; "
+            "print(json.dumps(sorted(p.file_path.name for p in scan_cache_dir().incomplete_files)))")
+    r = subprocess.run([sys.executable, "-c", code], env=hf_env(hub, cache), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout) == sorted(left), r.stderr
+    # hf_hub_download is not tripped by our partial (nor waits on a lock a dead process held)
+    r = subprocess.run([sys.executable, "-c", HF_GET, "org/model", "a.safetensors"],
+                       env=hf_env(hub, cache), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).read_bytes() == content_bytes(BIG["a.safetensors"])
+    hub.reset_log()
+    r = cli("resume", "task_001")
+    assert r.code == 0, r.text
+    assert hub.file_downloads("a.safetensors") == 0          # its blob, from hf, checked
+    ranges = [rec.range for rec in hub.records("GET") if rec.file == "b.safetensors"]
+    assert ranges and all(rg and not rg.startswith("bytes=0-") for rg in ranges), ranges
+    assert_whole(cache, commit, BIG)
+    assert cli("verify", "task_001").code == 0
+
+
+def test_resume_continues_from_bytes_a_killed_hf_hub_download_left(cli: Cli, hub: FakeHub,
+                                                                   tmp_path: Path) -> None:
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    from tests.helpers import wait_for
+    files = {**BIG, "a.safetensors": Content(DOWNLOAD_CHUNK_SIZE + (8 << 20), seed=11)}
+    commit = hub.add_repo("org/model", files)
+    cache = tmp_path / "cache"
+    folder = cache / "models--org--model"
+    hub.bandwidth_per_conn = 8_000_000
+    proc = subprocess.Popen([sys.executable, "-c", HF_GET, "org/model", "a.safetensors"],
+                            env=hf_env(hub, cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # it writes in chunks of DOWNLOAD_CHUNK_SIZE: killed after the first one
+    assert wait_for(lambda: any(size >= DOWNLOAD_CHUNK_SIZE
+                                for size in incomplete(folder).values()), 30)
+    proc.kill()
+    proc.wait()
+    hub.bandwidth_per_conn = 0
+    [name] = incomplete(folder)           # huggingface_hub's own name: <etag>.<8 hex>.incomplete
+    assert name.count(".") == 2, name
+    hub.reset_log()
+    r = cli("download", "org/model", "--hf-cache", str(cache), "--tool", "python")
+    assert r.code == 0, r.text
+    ranges = [rec.range for rec in hub.records("GET") if rec.file == "a.safetensors"]
+    assert set(ranges) == {f"bytes={DOWNLOAD_CHUNK_SIZE}-"}, ranges      # redirect, then CDN
+    assert hub.file_downloads("a.safetensors") == 1
+    assert_whole(cache, commit, files)
+
+
+def test_the_blob_lock_held_by_another_program_is_waited_for(cli: Cli, hub: FakeHub,
+                                                             tmp_path: Path) -> None:
+    from filelock import FileLock
+    from huggingface_hub.file_download import repo_folder_name
+
+    from tests.helpers import wait_for
+    files = {"config.json": b"{}", "model.safetensors": Content(100_000, seed=4)}
+    commit = hub.add_repo("org/model", files)
+    cache = tmp_path / "cache"
+    etag = hub.file_info("org/model", "model.safetensors").sha256
+    lock = FileLock(str(cache / ".locks" / repo_folder_name(repo_id="org/model", repo_type="model")
+                        / f"{etag}.lock"))
+    lock.acquire()                    # as hf_hub_download holds it while it writes that blob
+    try:
+        proc = cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python")
+        assert wait_for(lambda: hub.file_downloads("config.json") == 1, 30)
+        time.sleep(1.0)
+        assert hub.file_downloads("model.safetensors") == 0 and proc.poll() is None
+    finally:
+        lock.release()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert hub.file_downloads("model.safetensors") == 1
+    assert_whole(cache, commit, files)
+
+
+def test_batches_into_a_hub_cache_on_each_disk(cli: Cli, hub: FakeHub, tmp_path: Path) -> None:
+    from tests.test_batch import MARKER
+    files: dict[str, Any] = {f"data/shard-{i}.parquet": Content(400_000, seed=20 + i)
+                             for i in range(4)}
+    files["README.md"] = b"# data\n"
+    commit = hub.add_repo("org/data", files, repo_type="dataset")
+    disk1, disk2 = tmp_path / "disk1", tmp_path / "disk2"
+    space = ["--dataset", "--available-space", "1000K"]
+    out = tmp_path / "plan.json"
+    r = cli("plan-batch", "org/data", *space, "--hf-cache", str(disk1), "--output", str(out))
+    assert r.code == 0, r.text
+    batches = [b["paths"] for b in json.loads(out.read_text())["batches"]]
+    assert len(batches) == 2
+    r = cli("batch-download", "org/data", *space, "--hf-cache", str(disk1), "--tool", "python")
+    assert r.code == 0, r.text
+    r = cli("batch-continue", "task_001", "2", "--hf-cache", str(disk2), "--tool", "python")
+    assert r.code == 0, r.text
+    for number, (disk, paths) in enumerate(((disk1, batches[0]), (disk2, batches[1])), 1):
+        folder = disk / "datasets--org--data"
+        snapshot = folder / "snapshots" / commit
+        # the marker beside the snapshot, which holds the batch's files and nothing else
+        marker = json.loads((folder / MARKER).read_text())
+        assert [e["batch"] for e in marker["batches"]] == [number]
+        assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                      if p.is_symlink()) == sorted(paths)
+        found = probe(disk, "org/data", "dataset", "main", paths)
+        assert found["files"] == {p: str(snapshot / p) for p in paths}
+        assert found["warnings"] == []
+    assert cli("verify", "task_001", "--batch", "2").code == 0
+    r = cli("batch-status", "task_001", "--json")
+    assert [row["state"] for row in json.loads(r.out)["batches"]] == ["completed"] * 2
