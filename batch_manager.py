@@ -419,12 +419,17 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
     left = unfinished(plan, tracker)
     if result.status is not TaskState.COMPLETED:
         return left                     # paused, cancelled or failed: run_task said why
-    if left:
+    if left and plan.workers:
+        # a worker's task is done when the batches it ran are: the others are other workers'
+        mine = [n for n in plan.state if n in left]
+        store.update(task.id, status=TaskState.PAUSED if mine else TaskState.COMPLETED,
+                     reason=f"batch {batch.number} of {len(plan.batches)} done; the others "
+                            f"are other workers' (a --workers plan)")
+    elif left:
         step = next_step(task.id, plan, left, batch.number) or ""
-        step = ("the others are other workers' (a --workers plan)" if plan.workers
-                else "next: " + step.split("then python main.py ")[-1])
         store.update(task.id, status=TaskState.PAUSED,
-                     reason=f"batch {batch.number} of {len(plan.batches)} done; {step}")
+                     reason=f"batch {batch.number} of {len(plan.batches)} done; next: "
+                            + step.split("then python main.py ")[-1])
     elif store.get(task.id).status is not TaskState.COMPLETED:
         store.update(task.id, status=TaskState.COMPLETED, reason="")
     return left

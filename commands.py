@@ -422,7 +422,8 @@ def _clean_plans(store: TaskStore, wanted: set[str]) -> int:
     for t in plans:
         if t.id in removed:
             out(f"removed {t.id} (unstarted plan of {t.repo_type} {t.repo_id}, "
-                f"{format_size(t.available_space or 0)} disks)")
+                + (f"{format_size(t.available_space)} disks)" if t.available_space
+                   else f"{t.extra.get('workers')} workers)"))
         else:
             out(f"skipped {t.id}: it started meanwhile")
     for tid in sorted(wanted - {t.id for t in plans}):

@@ -106,6 +106,12 @@ def test_four_pods_share_one_folder_and_verify_plan_checks_the_whole(cli, hub, t
     shared_tree(data, files)
     assert {p: os.stat(data / p).st_mtime_ns for p in before} == before
     assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").rglob("*.json"))
+    # one task's clean --delete-files takes its own batch's files only, not the others'
+    r = cli("--metadata-dir", str(shared / "meta" / "batch-1"), "clean", "--all", "--delete-files")
+    assert r.code == 0, r.text
+    r = cli("verify", "--plan", str(shared / "plan.json"), "--local-dir", str(data), "--json")
+    assert r.code == 3 and json.loads(r.out)["bad_batches"] == [1], r.text
+    assert {b["path"] for b in json.loads(r.out)["bad"]} == set(plan["batches"][0]["paths"])
 
 
 def test_a_pod_killed_mid_transfer_resumes_its_batch(cli, hub, tmp_path):
