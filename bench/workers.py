@@ -59,7 +59,7 @@ def main() -> int:
         with FakeHub() as hub:
             files = {f"data/shard-{i:03d}.bin": Content(a.size, i) for i in range(a.files)}
             hub.add_repo("bench/corpus", files, repo_type="dataset")
-            env = base_env(hub.url, work / "hf-home")
+            env = {**base_env(hub.url, work / "hf-home"), "PYTHON": sys.executable}
             plan = work / "plan.json"
             subprocess.run([sys.executable, str(ROOT / "main.py"), "plan-batch", "bench/corpus",
                             "--dataset", "--workers", str(a.workers), "--output", str(plan), "-q"],

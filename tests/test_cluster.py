@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -36,7 +37,8 @@ def start_pod(cli, index: int, shared: Path, *extra: str) -> subprocess.Popen:
     """Pod `index` of the Indexed Job, on this machine: the PVC at `shared`, the code at ROOT."""
     line = pod_command().replace("/opt/hf-downloader", str(ROOT)).replace("/shared", str(shared))
     return subprocess.Popen(["/bin/sh", "-c", " ".join([line, *extra])], cwd=ROOT,
-                            env={**cli.env, "JOB_COMPLETION_INDEX": str(index)},
+                            env={**cli.env, "JOB_COMPLETION_INDEX": str(index),
+                                 "PYTHON": sys.executable},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -179,3 +181,14 @@ def test_run_batch_sh_and_the_new_flags_refuse_bad_input_in_one_line(cli, hub, t
     assert r.code == 0, r.text
     r = cli("verify", "--plan", str(tmp_path / "p.json"), "--local-dir", str(tmp_path / "no"))
     assert r.code == 1 and "is not a folder" in error_lines(r)[0]
+
+
+def test_the_guide_runs_by_hand_exactly_what_run_batch_sh_runs():
+    script = (ROOT / "contrib" / "run-batch.sh").read_text()
+    line = script[script.index('exec "${PYTHON:-python3}" "$main"'):].replace("\\\n", " ")
+    words = line.splitlines()[0].split()[3:]           # after exec python main.py
+    assert words[-1] == '"$@"'
+    expanded = " ".join(w.strip('"').replace("$shared", "/shared/hf").replace("$batch", "2")
+                        .replace("$plan", "/shared/hf/plan.json") for w in words[:-1])
+    guide = " ".join((ROOT / "BATCH_DOWNLOAD_GUIDE.md").read_text().replace("\\\n", " ").split())
+    assert f"python main.py {expanded}" in guide
