@@ -196,7 +196,8 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
 def workers_next(plan: Any, output: str | None) -> str:
     """plan-batch --workers: how to run the batches at once."""
     count = len(plan.batches)
-    rounds = f" ({count // plan.workers} rounds of {plan.workers})" if count > plan.workers else ""
+    rounds = (f" ({-(-count // plan.workers)} rounds of {plan.workers})" if count > plan.workers
+              else "")
     if not output:
         return (f"next: write the plan to a file (--output plan.json) and run batches 1 to "
                 f"{count}{rounds} at once, each: python main.py --metadata-dir ITS_OWN "
@@ -231,6 +232,9 @@ def plan_verify(source: str, plan: Any, local_dir: Any, checked: list[tuple[int,
         out(f"batches to run again: {', '.join(map(str, again))} (each: python main.py "
             f"batch-continue {source} N --local-dir {local_dir}, with that batch's "
             f"--metadata-dir)")
+    if any(r.verdict == "hash mismatch" for _, r in bad):
+        out("delete the files with a wrong hash first: a rerun keeps a finished file of the "
+            "right size")
 
 
 def run_result(task: Task, result: RunResult, as_json: bool) -> None:
