@@ -371,6 +371,11 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
                      for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
         for w in warnings:
             log.warning(w)
+        if plan.workers:        # verify --plan found it missing (no records to mark): fetch it again
+            from file_tracker import forget_missing
+            if gone := forget_missing(tracker, target, batch.paths):
+                log.warning("%d completed files of batch %d are no longer in %s; fetching them "
+                            "again", gone, number, target)
 
         def mark_start() -> None:
             disk_id = write_marker(target, task, plan, number, BatchState.DOWNLOADING)

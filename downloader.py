@@ -75,11 +75,11 @@ def plan_work(tracker: FileTracker, local_dir: Path, todo: list[str] | None) -> 
         wanted = set(todo)
         unfinished = [p for p in unfinished if p in wanted]
     adopted = adopt_finished(tracker, local_dir, unfinished)
+    missing = 0
     if todo is None:
         missing = forget_missing(tracker, local_dir)
         todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
-    else:       # a batch: its other files live on other disks, absent is expected; its own
-        missing = forget_missing(tracker, local_dir, todo)     # belong here: fetched again
+    else:       # a batch: its other files live on other disks, absent is expected
         todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
     return WorkList(todo, adopted, missing)
 
