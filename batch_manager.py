@@ -60,11 +60,13 @@ class BatchState(str, enum.Enum):
 
 
 def batch_identity(repo_id: str, repo_type: str, revision: str, include: Sequence[str],
-                   exclude: Sequence[str], available: int, margin: float) -> dict[str, Any]:
+                   exclude: Sequence[str], available: int | None, margin: float,
+                   workers: int | None = None) -> dict[str, Any]:
     """What makes two plan-batch/batch-download calls 'the same plan' (the target may vary)."""
-    return {"kind": "batch", "repo_id": repo_id, "repo_type": repo_type, "revision": revision,
-            "include": list(include), "exclude": list(exclude), "available_space": available,
-            "safety_margin": margin}
+    identity = {"kind": "batch", "repo_id": repo_id, "repo_type": repo_type,
+                "revision": revision, "include": list(include), "exclude": list(exclude),
+                "available_space": available, "safety_margin": margin}
+    return identity if workers is None else {**identity, "workers": workers}
 
 
 def open_batch_task(store: TaskStore, identity: dict[str, Any], plan: Plan,
@@ -139,7 +141,9 @@ def plan_or_reuse(store: TaskStore, identity: dict[str, Any],
     listing, endpoint = list_files()
     if callable(local_dir):
         local_dir = local_dir(listing.commit)
-    plan = new_plan(listing, identity["available_space"], identity["safety_margin"])
+    plan = new_plan(listing, identity["available_space"], identity["safety_margin"],
+                    workers=identity.get("workers"), endpoint=endpoint,
+                    include=tuple(identity["include"]), exclude=tuple(identity["exclude"]))
     with store.creation_lock():        # another process may have planned it meanwhile
         task = store.find(identity)
         if task is not None:
@@ -241,8 +245,9 @@ def task_for_plan_file(store: TaskStore, plan: Plan, local_dir: Path,
     task = store.find({"kind": "batch", "plan_id": plan.plan_id})
     if task is not None:
         return task
-    identity = batch_identity(plan.repo_id, plan.repo_type, plan.revision, [], [],
-                              plan.available_space, plan.safety_margin)
+    identity = batch_identity(plan.repo_id, plan.repo_type, plan.revision, plan.include,
+                              plan.exclude, plan.available_space or None, plan.safety_margin,
+                              plan.workers)
     with store.creation_lock():        # one task per plan, even for two starts at once
         task = store.find({"kind": "batch", "plan_id": plan.plan_id})
         if task is not None:
@@ -316,17 +321,20 @@ def write_marker(target: Path, task: Task, plan: Plan, number: int,
                  state: BatchState) -> str:
     """Record on the disk itself which task and batch it holds; returns the disk id."""
     import uuid
-    from utils import now_iso, write_json_atomic
-    marker = read_marker(target) or {"disk_id": uuid.uuid4().hex[:12], "batches": []}
-    entries = [e for e in marker["batches"]
-               if not (e.get("plan_id") == plan.plan_id and e.get("batch") == number)]
-    entries.append({"task_id": task.id, "plan_id": plan.plan_id, "batch": number,
-                    "repo_id": plan.repo_id, "commit": plan.commit, "state": state.value,
-                    "updated_at": now_iso()})
-    marker["batches"] = sorted(entries, key=lambda e: (e.get("plan_id", ""), e.get("batch", 0)))
+    from utils import exclusive_file, now_iso, write_json_atomic
     Path(target).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker_path(target), marker)
-    return marker["disk_id"]
+    # the workers of a --workers plan share one folder: each adds its own entry, none lost
+    with exclusive_file(marker_path(target).with_name(MARKER_NAME + ".lock")):
+        marker = read_marker(target) or {"disk_id": uuid.uuid4().hex[:12], "batches": []}
+        entries = [e for e in marker["batches"]
+                   if not (e.get("plan_id") == plan.plan_id and e.get("batch") == number)]
+        entries.append({"task_id": task.id, "plan_id": plan.plan_id, "batch": number,
+                        "repo_id": plan.repo_id, "commit": plan.commit, "state": state.value,
+                        "updated_at": now_iso()})
+        marker["batches"] = sorted(entries, key=lambda e: (e.get("plan_id", ""),
+                                                           e.get("batch", 0)))
+        write_json_atomic(marker_path(target), marker)
+    return str(marker["disk_id"])
 
 
 def marker_has(target: Path, plan: Plan, number: int) -> bool:
@@ -359,7 +367,8 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         target = Path(target or task.local_dir)
         warnings = []
         held = held_batches(target, plan)
-        if held and number not in held:
+        # a --workers plan's batches go side by side in one folder: no swapped disk to catch
+        if held and number not in held and not plan.workers:
             text = (f"{target}: this disk holds {_held_text(target, plan, held, task.id)}; "
                     f"swap the disk or pass --local-dir")
             if not force:
@@ -368,10 +377,15 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
         warnings += [f"batch {b.number} is not complete ({p['files_done']}/{p['files_total']} "
                      f"files); finish it later with "
                      f"{continue_command(task.id, plan, b.number).removeprefix('python main.py ')}"
-                     for b in plan.batches[:number - 1]
+                     for b in plan.batches[:number - 1] if not plan.workers
                      for p in [batch_progress(b, tracker)] if p["state"] != BatchState.COMPLETED]
         for w in warnings:
             log.warning(w)
+        if plan.workers:        # verify --plan found it missing (no records to mark): fetch it again
+            from file_tracker import forget_missing
+            if gone := forget_missing(tracker, target, batch.paths):
+                log.warning("%d completed files of batch %d are no longer in %s; fetching them "
+                            "again", gone, number, target)
 
         def mark_start() -> None:
             disk_id = write_marker(target, task, plan, number, BatchState.DOWNLOADING)
@@ -386,8 +400,10 @@ def run_batch(store: TaskStore, task: Task, number: int, *, target: Path | None,
                                      before_start=mark_start, remember=remember)
         left = _finish_batch(store, task, plan, batch, tracker, target, result)
         progress = batch_progress(batch, tracker, plan.state.get(number))
+    step = (f"once every batch is done, check them all: python main.py verify --plan PLAN "
+            f"--local-dir {target}" if plan.workers else next_step(task.id, plan, left, number))
     return BatchRun(store.get(task.id), batch, result, warnings, str(target), progress,
-                    len(plan.batches), left, next_step(task.id, plan, left, number))
+                    len(plan.batches), left, step)
 
 
 def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
@@ -418,7 +434,13 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
     left = unfinished(plan, tracker)
     if result.status is not TaskState.COMPLETED:
         return left                     # paused, cancelled or failed: run_task said why
-    if left:
+    if left and plan.workers:
+        # a worker's task is done when the batches it ran are: the others are other workers'
+        mine = [n for n in plan.state if n in left]
+        store.update(task.id, status=TaskState.PAUSED if mine else TaskState.COMPLETED,
+                     reason=f"batch {batch.number} of {len(plan.batches)} done; the others "
+                            f"are other workers' (a --workers plan)")
+    elif left:
         step = next_step(task.id, plan, left, batch.number) or ""
         store.update(task.id, status=TaskState.PAUSED,
                      reason=f"batch {batch.number} of {len(plan.batches)} done; next: "
@@ -450,9 +472,10 @@ def batch_rows(store: TaskStore, task: Task) -> list[dict[str, Any]]:
 
 
 def format_batch_rows(task: Task, rows: list[dict[str, Any]]) -> str:
-    lines = [f"{task.id}: {task.repo_type} {task.repo_id} @ "
-             f"{str(task.commit)[:12]}, {len(rows)} batches of at most "
-             f"{format_size(batch_capacity(task.available_space or 0, task.safety_margin or 0.0))}"]
+    size = (f"of at most {format_size(batch_capacity(task.available_space, task.safety_margin or 0.0))}"
+            if task.available_space else f"for {task.extra.get('workers')} workers")
+    lines = [f"{task.id}: {task.repo_type} {task.repo_id} @ {str(task.commit)[:12]}, "
+             f"{len(rows)} batches {size}"]
     table = []
     for r in rows:
         state = r["state"] + (f" ({r['stopped']})" if r.get("stopped") else "")
@@ -488,3 +511,26 @@ def batch_on_disk(store: TaskStore, task: Task, number: int | None,
                        hint="mount the disk of that batch there, or give its folder with "
                             "--local-dir")
     return list(batch.paths), folder
+
+
+def verify_plan(plan: Plan, local_dir: Path, *, quick: bool = False,
+                workers: int | None = None) -> list[tuple[int, Any]]:
+    """verify --plan: every file of the plan checked in `local_dir` (size, and hash unless
+    quick), with no task records: the whole result of a cluster run, from any one machine.
+    Returns (batch number, file_tracker.CheckResult) per file, in plan order."""
+    from concurrent.futures import ThreadPoolExecutor
+    import os
+    from file_tracker import check_file
+    from utils import UnsafePathError, safe_join
+    by_path = {f.path: f for f in plan.files}
+    todo = [(b.number, by_path[p]) for b in plan.batches for p in b.paths]
+
+    def check(item: tuple[int, Any]) -> tuple[int, Any]:
+        number, f = item
+        try:
+            return number, check_file(safe_join(local_dir, f.path), f, quick=quick)
+        except (UnsafePathError, NotADirectoryError) as exc:
+            from file_tracker import CheckResult
+            return number, CheckResult(f.path, "missing", str(exc))
+    with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+        return list(pool.map(check, todo))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batch_planner import Batch, batch_capacity, plan_batches
+from batch_planner import Batch, batch_capacity, plan_batches, plan_workers
 from task_manager import TaskStore
 from utils import SCHEMA_VERSION, MetadataError, UsageError
 
@@ -18,8 +18,8 @@ PLAN_KIND = "hf-downloader-plan"
 PLAN_FILE = "batch_plan.json"            # in the task folder, beside file_tracker's files
 
 _PLAN_ORDER = ("schema_version", "kind", "plan_id", "repo_id", "repo_type", "revision", "commit",
-               "available_space", "safety_margin", "capacity", "created_at", "files", "batches",
-               "state", "current")
+               "available_space", "safety_margin", "capacity", "workers", "endpoint", "include",
+               "exclude", "created_at", "files", "batches", "state", "current")
 
 
 @dataclass
@@ -43,6 +43,12 @@ class Plan:
     batches: list[Batch]
     state: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch number -> its disk
     current: int | None = None            # the batch started last (resume continues it)
+    # plan-batch --workers N: batches of about equal bytes, meant to run at once side by side
+    # (one shared folder, or a disk per worker); available_space 0 when no disk size was given
+    workers: int | None = None
+    endpoint: str | None = None           # where it was listed: batch-continue PLAN's default
+    include: tuple[str, ...] = ()         # the filters it was listed with (a record: the
+    exclude: tuple[str, ...] = ()         # files are the listing's, already filtered)
     created_at: str | None = None
     schema_version: int = SCHEMA_VERSION
     json_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -76,7 +82,10 @@ class Plan:
                        available_space=_typed(data, "available_space", int),
                        safety_margin=_typed(data, "safety_margin", float),
                        capacity=_typed(data, "capacity", int), files=files,
-                       batches=batches,
+                       batches=batches, workers=_typed(data, "workers", int, None),
+                       endpoint=_typed(data, "endpoint", str, None),
+                       include=tuple(_typed(data, "include", list, [])),
+                       exclude=tuple(_typed(data, "exclude", list, [])),
                        state=state, current=_typed(data, "current", int, None),
                        created_at=_typed(data, "created_at", str, None),
                        schema_version=_typed(data, "schema_version", int, SCHEMA_VERSION),
@@ -93,6 +102,8 @@ class Plan:
             "repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
             "commit": self.commit, "available_space": self.available_space,
             "safety_margin": self.safety_margin, "capacity": self.capacity,
+            "workers": self.workers, "endpoint": self.endpoint, "include": list(self.include),
+            "exclude": list(self.exclude),
             "created_at": self.created_at,
             "files": [{"path": f.path, "size": f.size, "blob_id": f.blob_id, "sha256": f.sha256}
                       for f in self.files],
@@ -163,16 +174,27 @@ def _typed(data: dict[str, Any], key: str, kind: type, default: Any = _MISSING) 
     return value
 
 
-def new_plan(listing: Listing, available: int, margin: float) -> Plan:
-    """A self-contained plan: the pinned listing and its batches."""
+def new_plan(listing: Listing, available: int | None, margin: float, *,
+             workers: int | None = None, endpoint: str | None = None,
+             include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Plan:
+    """A self-contained plan: the pinned listing, where and how it was listed, its batches
+    (`workers`: N of about equal bytes, each within `available` when given)."""
     import uuid
     from utils import now_iso
-    capacity = batch_capacity(available, margin)
+    capacity = batch_capacity(available, margin) if available is not None else None
+    if workers is not None:
+        batches = plan_workers(listing.files, workers, capacity)
+        capacity = capacity or max((b.total_bytes for b in batches), default=0) or 1
+    elif capacity is None:
+        raise UsageError("say how to split: --available-space SIZE (one disk), --workers N "
+                         "(machines at once), or both")
+    else:
+        batches = plan_batches(listing.files, capacity, margin=margin)
     return Plan(plan_id=uuid.uuid4().hex, repo_id=listing.repo_id, repo_type=listing.repo_type,
-                revision=listing.revision, commit=listing.commit, available_space=available,
+                revision=listing.revision, commit=listing.commit, available_space=available or 0,
                 safety_margin=margin, capacity=capacity, created_at=now_iso(),
-                files=list(listing.files),
-                batches=plan_batches(listing.files, capacity, margin=margin))
+                files=list(listing.files), batches=batches, workers=workers, endpoint=endpoint,
+                include=tuple(include), exclude=tuple(exclude))
 
 
 _TASK_PLAN_HINT = "run plan-batch again (or restore it from its --output file)"

@@ -303,6 +303,87 @@ def plan_batches(files: Iterable[SizedFile], capacity: int, *, margin: float = 1
     return builder.batches
 
 
+def _fits(prefix: Sequence[int], cap: int, count: int) -> bool:
+    """Whether the files split into at most `count` order-keeping runs of <= cap bytes each."""
+    i, n, used = 0, len(prefix) - 1, 0
+    while i < n:
+        j = bisect.bisect_right(prefix, prefix[i] + cap) - 1
+        used += 1
+        if j == i or used > count:
+            return False
+        i = j
+    return True
+
+
+def _smallest_cap(prefix: Sequence[int], count: int, low: int) -> int:
+    """The smallest largest-batch any split into `count` order-keeping runs can have."""
+    high = max(low, prefix[-1])
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _fits(prefix, mid, count) else (mid + 1, high)
+    return low
+
+
+def _balanced_cuts(prefix: Sequence[int], count: int, cap: int) -> list[int]:
+    """Cut points (file indexes) of `count` non-empty runs, each <= cap bytes, each cut as near
+    as it may be to the ideal k x total / count."""
+    n, total = len(prefix) - 1, prefix[-1]
+    lowest = [0] * count        # lowest[k]: the earliest start from which count - k runs do
+    start = n
+    for k in range(count - 1, 0, -1):
+        start = bisect.bisect_left(prefix, prefix[start] - cap)
+        lowest[k] = start
+    cuts = [0]
+    for k in range(1, count):
+        hi = min(bisect.bisect_right(prefix, prefix[cuts[-1]] + cap) - 1, n - (count - k))
+        lo = max(lowest[k], cuts[-1] + 1)
+        target = total * k / count
+        j = min(max(bisect.bisect_left(prefix, target), lo), hi)
+        if j - 1 >= lo and target - prefix[j - 1] < prefix[j] - target:
+            j -= 1
+        cuts.append(j)
+    return cuts + [n]
+
+
+def plan_workers(files: Iterable[SizedFile], workers: int,
+                 capacity: int | None = None) -> list[Batch]:
+    """Split a listing into batches of about equal bytes, for `workers` machines at once.
+
+    Batches are contiguous runs of the listing (repo order within and across batches); every
+    file lands in exactly one. The largest batch is as small as any order-keeping split into
+    that many batches allows (at most total / count + the largest file), and each cut is then
+    placed as near as it may be to an equal share. Folders are not kept whole: a worker's
+    batch is a slice of the repo, not a disk's worth of folders.
+
+    count is `workers`, or the number of files when there are fewer. With `capacity` (one
+    disk), every batch also fits it: when `workers` batches cannot, the count grows to the
+    next multiple of `workers` that can (N workers, k rounds each); a file bigger than the
+    capacity is refused (UsageError)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be a whole number from 1, got {workers!r}")
+    paths, sizes = _columns(files)
+    if not paths:
+        return []
+    prefix = list(itertools.accumulate(sizes, initial=0))
+    largest = max(sizes)
+    count = min(workers, len(paths))
+    if capacity is not None:
+        if capacity < 1:
+            raise UsageError(f"batch capacity must be more than 0 bytes, got {capacity}")
+        if largest > capacity:
+            big = paths[sizes.index(largest)]
+            raise UsageError(f"{big!r} ({format_size(largest)}) is bigger than one disk's "
+                             f"capacity ({format_size(capacity)}): no batch of a --workers "
+                             f"plan can hold it",
+                             hint="give a bigger --available-space, or plan without it")
+        needed = _min_batches_from(prefix, capacity)[0]
+        count = min(len(paths), max(count, -(-needed // workers) * workers))
+    cap = _smallest_cap(prefix, count, max(largest, -(-prefix[-1] // count)))
+    cuts = _balanced_cuts(prefix, count, cap)
+    return [Batch(k + 1, tuple(paths[a:b]), prefix[b] - prefix[a])
+            for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
+
 def plan_summary(batches: Sequence[Batch], capacity: int | None = None) -> dict[str, Any]:
     """A JSON-ready overview of a plan (without the full path lists)."""
     regular = [b for b in batches if not b.oversize]

@@ -341,6 +341,8 @@ def cmd_cancel(args: Namespace, cfg: config.Config) -> int:
 def cmd_verify(args: Namespace, cfg) -> int:
     import maintenance
     from task_manager import TaskStore, normalize_id
+    if args.plan or not args.task:
+        return _verify_plan(args, cfg)
     store = TaskStore(cfg.metadata_dir)
     task = store.get(normalize_id(args.task))
     local_dir = Path(os.path.abspath(args.local_dir)) if args.local_dir else None
@@ -376,6 +378,23 @@ def cmd_verify(args: Namespace, cfg) -> int:
             out(f"{len(bad)} bad files were marked for download; "
                 f"'python main.py {again}' fetches them again")
     return ExitStatus.FILES_FAILED if bad else ExitStatus.OK
+
+
+def _verify_plan(args: Namespace, cfg: config.Config) -> int:
+    """verify --plan FILE: every file of a plan in one folder, from the plan alone."""
+    import batch_manager as bm
+    if not args.plan or args.task or args.batch or args.fix:
+        raise UsageError("verify takes a task id, or --plan FILE (with --local-dir) instead",
+                         hint="--plan checks a plan's files without task records: no task id, "
+                              "--batch or --fix with it")
+    plan = bm.read_plan_file(args.plan)
+    local_dir = target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id)
+    if not local_dir.is_dir():
+        raise HFDError(f"{local_dir} is not a folder",
+                       hint="give the folder the plan's batches went to with --local-dir")
+    checked = bm.verify_plan(plan, local_dir, quick=args.quick)
+    render.plan_verify(args.plan, plan, local_dir, checked, args.quick, args.json, args.verbose)
+    return ExitStatus.FILES_FAILED if any(r.verdict != "ok" for _, r in checked) else ExitStatus.OK
 
 
 def cmd_clean(args: Namespace, cfg) -> int:
@@ -414,7 +433,8 @@ def _clean_plans(store: TaskStore, wanted: set[str]) -> int:
     for t in plans:
         if t.id in removed:
             out(f"removed {t.id} (unstarted plan of {t.repo_type} {t.repo_id}, "
-                f"{format_size(t.available_space or 0)} disks)")
+                + (f"{format_size(t.available_space)} disks)" if t.available_space
+                   else f"{t.extra.get('workers')} workers)"))
         else:
             out(f"skipped {t.id}: it started meanwhile")
     for tid in sorted(wanted - {t.id for t in plans}):
@@ -513,7 +533,8 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, Plan
     dm.load_registry(cfg.metadata_dir)         # a corrupt datasets.json fails before any plan
     store = TaskStore(cfg.metadata_dir)
     identity = bm.batch_identity(repo.repo_id, repo.repo_type, repo.revision, repo.include,
-                                 repo.exclude, args.available_space, args.safety_margin)
+                                 repo.exclude, args.available_space, args.safety_margin,
+                                 getattr(args, "workers", None))
     cache = _cache_root(args, cfg)        # each disk holds a hub cache: the plan's snapshot
     folder: Any = (target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id) if cache is None
                    else lambda commit: _snapshot(cache, repo.repo_id, repo.repo_type, commit))
@@ -532,6 +553,9 @@ def _plan_or_reuse(args: Namespace, cfg: config.Config) -> tuple[TaskStore, Plan
 def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     import batch_manager as bm
     import batch_planner as bp
+    if args.available_space is None and args.workers is None:
+        raise UsageError("plan-batch needs --available-space SIZE (one disk at a time), "
+                         "--workers N (N machines at once), or both")
     store, choice = _plan_or_reuse(args, cfg)
     task, plan = choice.task, choice.plan
     batches = plan.batches
@@ -545,7 +569,9 @@ def cmd_plan_batch(args: Namespace, cfg: config.Config) -> int:
     out(f"plan saved as {task.id} ({plan.repo_type} {plan.repo_id} pinned at commit "
         f"{plan.commit[:12]})" + (f"; also written to {args.output}" if args.output else ""))
     left = bm.unfinished_of(store, task.id, plan) if choice.reused else [1]
-    if not left:
+    if plan.workers:
+        out(render.workers_next(plan, args.output))
+    elif not left:
         out(f"{task.id}: all {len(batches)} batches complete")
     elif left[0] == 1 and plan.target_of(1) is None:
         out(f"next: python main.py batch-download {plan.repo_id}"
@@ -570,7 +596,8 @@ def cmd_batch_continue(args: Namespace, cfg: config.Config) -> int:
         plan = bm.read_plan_file(args.task)
         local_dir = (target_dir(args.local_dir, cfg.downloads_dir, plan.repo_id) if cache is None
                      else _snapshot(cache, plan.repo_id, plan.repo_type, plan.commit))
-        task = bm.task_for_plan_file(store, plan, local_dir, cfg.endpoint)
+        endpoint = plan.endpoint if plan.endpoint and not cfg.endpoint_configured else cfg.endpoint
+        task = bm.task_for_plan_file(store, plan, local_dir, endpoint)
     else:
         task = store.get(normalize_id(args.task))
     target = args.local_dir

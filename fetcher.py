@@ -224,6 +224,9 @@ def blob_ready(job: Job) -> bool:
 def _attempt(run: Run, backend: Backend, job: Job) -> FetchError | None:
     """One try at a file: fetch, check, promote. A full disk anywhere is DISK_FULL."""
     try:
+        # again each try: on a folder shared with other processes, one finishing may have
+        # tidied away the (then empty) partial folder since the last one
+        job.partial.prepare()
         digest = backend.fetch(job, lambda n: run.progress.update(job.file.path, n),
                                run.stopper.event)
         finish_file(job, digest)

@@ -450,9 +450,15 @@ def adopt_finished(tracker: FileTracker, local_dir: Path, paths: Iterable[str]) 
     return len(good)
 
 
-def forget_missing(tracker: FileTracker, local_dir: Path) -> int:
-    """Completed files deleted (or changed in size) by hand go back to pending (sizes only)."""
-    scan = scan_disk(tracker, local_dir, tracker.paths_in(FileState.COMPLETED))
+def forget_missing(tracker: FileTracker, local_dir: Path,
+                   among: Iterable[str] | None = None) -> int:
+    """Completed files (of `among`, default all) deleted or changed in size by hand go back to
+    pending (sizes only)."""
+    done = tracker.paths_in(FileState.COMPLETED)
+    if among is not None:
+        wanted = set(among)
+        done = [p for p in done if p in wanted]
+    scan = scan_disk(tracker, local_dir, done)
     for path in scan.vanished + scan.resized:
         tracker.reset(path, "missing on disk")
     return len(scan.vanished) + len(scan.resized)
@@ -504,10 +510,11 @@ def _unchanged(path: Path, f: RemoteFile) -> bool:
     return f.size > HASH_BEFORE_DELETE or hash_file(path, f.hash_kind, f.size) == f.expected_hash
 
 
-def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
+def delete_local_files(tracker: FileTracker, local_dir: Path, *, own_only: bool = False) -> Deleted:
     """Remove the task's files (and partials) from disk, then the folders left empty. Only
     files still as downloaded are deleted (local_dir comes from metadata a user can edit, and
-    files may have been changed since): the others are kept and listed."""
+    files may have been changed since): the others are kept and listed. `own_only` (a batch
+    task, whose folder other batches may share): only the files this task ever started."""
     import hf_cache
     if hf_cache.is_snapshot(local_dir):      # --hf-cache: links, then the blobs no one uses
         for f in tracker.files:
@@ -518,6 +525,8 @@ def delete_local_files(tracker: FileTracker, local_dir: Path) -> Deleted:
     removed, kept, gone = 0, [], []
     folders = set()
     for f in tracker.files:
+        if own_only and tracker.status[f.path]["status"] == FileState.PENDING.value:
+            continue
         try:
             final = safe_target(local_dir, f.path)
         except (UnsafePathError, ValueError):

@@ -283,7 +283,10 @@ def build_parser() -> Parser:
                    help="how long to wait for the running download to stop (default 30)")
 
     p = add("verify", "re-check the files of a task on disk (size and hash)")
-    p.add_argument("task", help="task id")
+    p.add_argument("task", nargs="?", help="task id")
+    p.add_argument("--plan", type=_folder, metavar="FILE",
+                   help="instead of a task: check every file of this plan (plan-batch --output) "
+                        "in --local-dir, needing no task records (e.g. after a cluster run)")
     p.add_argument("--quick", action="store_true", help="check sizes only")
     p.add_argument("--fix", action="store_true",
                    help="move changed files aside (NAME.hfdl-modified-TIME) so resume fetches "
@@ -291,7 +294,7 @@ def build_parser() -> Parser:
     p.add_argument("--batch", type=_positive_int, metavar="N",
                    help="batch task: check batch N on the disk mounted now")
     p.add_argument("--local-dir", type=_folder, help="batch task: where that disk is now (default: where "
-                                       "the batch was downloaded)")
+                                       "the batch was downloaded); --plan: the folder to check")
     _json_arg(p)
 
     p = add("clean", "remove the records of finished tasks (files stay unless --delete-files)")
@@ -322,8 +325,8 @@ def build_parser() -> Parser:
                    help="as for plan-batch: fill each disk to at most this fraction (default 0.9)")
     _json_arg(p)
 
-    def batch_plan_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--available-space", type=_size, required=True, metavar="SIZE",
+    def batch_plan_args(p: argparse.ArgumentParser, disk_required: bool = True) -> None:
+        p.add_argument("--available-space", type=_size, required=disk_required, metavar="SIZE",
                        help="the size of one disk (e.g. 10T)")
         p.add_argument("--safety-margin", type=_margin, default=0.9, metavar="F",
                        help="fill each disk to at most this fraction (default 0.9)")
@@ -332,7 +335,11 @@ def build_parser() -> Parser:
 
     p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
     _repo_args(p)
-    batch_plan_args(p)
+    batch_plan_args(p, disk_required=False)
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="N batches of about equal bytes, to run at once on N machines or "
+                        "processes (each within --available-space when given: then N x k "
+                        "batches, k rounds)")
     p.add_argument("--output", type=_folder, metavar="FILE", help="also write the plan as a self-contained file")
     _json_arg(p)
 

@@ -162,7 +162,8 @@ def _clean_one(store: TaskStore, tid: str, states: Set[TaskState],
     if delete_files:
         try:
             tracker = FileTracker.load(store.folder(tid), tid)
-            result = delete_local_files(tracker, Path(task.local_dir))
+            result = delete_local_files(tracker, Path(task.local_dir),
+                                        own_only=task.kind == "batch")
             deleted, kept = result.removed, tuple(result.kept)
         except MetadataError as exc:
             note = f"files not deleted ({exc})"

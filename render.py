@@ -9,7 +9,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from utils import format_duration, format_size
+from utils import format_duration, format_size, printable
 
 if TYPE_CHECKING:
     from batch_manager import BatchRun
@@ -191,6 +191,50 @@ def batch_run(task_id: str, number: int, run: BatchRun, as_json: bool) -> None:
           f"{format_size(p['bytes_total'])} in {run.target}")
     for path, error in run.result.failures[:20]:
         out(f"  failed: {path}: {error}")
+
+
+def workers_next(plan: Any, output: str | None) -> str:
+    """plan-batch --workers: how to run the batches at once."""
+    count = len(plan.batches)
+    rounds = (f" ({-(-count // plan.workers)} rounds of {plan.workers})" if count > plan.workers
+              else "")
+    if not output:
+        return (f"next: write the plan to a file (--output plan.json) and run batches 1 to "
+                f"{count}{rounds} at once, each: python main.py --metadata-dir ITS_OWN "
+                f"batch-continue plan.json N --local-dir SHARED")
+    return (f"next: run batches 1 to {count}{rounds} at once, each with its own --metadata-dir: "
+            f"contrib/run-batch.sh {output} N SHARED_DIR, or sbatch --array=1-{count}"
+            + (f"%{plan.workers}" if rounds else "")
+            + f" contrib/slurm/download-array.sbatch {output} SHARED_DIR; then python main.py "
+              f"verify --plan {output} --local-dir SHARED_DIR/data")
+
+
+def plan_verify(source: str, plan: Any, local_dir: Any, checked: list[tuple[int, Any]],
+                quick: bool, as_json: bool, verbose: bool) -> None:
+    """verify --plan: the bad files with their batch, a total, the batches to run again."""
+    bad = [(n, r) for n, r in checked if r.verdict != "ok"]
+    again = sorted({n for n, _ in bad})
+    if as_json:
+        out_json({"plan": source, "plan_id": plan.plan_id, "commit": plan.commit,
+                  "local_dir": str(local_dir), "ok": not bad, "checked": len(checked),
+                  "bad_batches": again,
+                  "bad": [{"path": r.path, "batch": n, "verdict": r.verdict, "detail": r.detail}
+                          for n, r in bad]})
+        return
+    for n, r in checked:
+        if r.verdict != "ok" or verbose:
+            out(f"{r.verdict.upper():14} {printable(r.path)}  (batch {n})"
+                + (f"  ({r.detail})" if r.detail else ""))
+    kind = "sizes" if quick else "sizes and hashes"
+    out(f"{plan.repo_id} @ {plan.commit[:12]}: {len(checked) - len(bad)}/{len(checked)} files "
+        f"OK in {local_dir} ({kind} checked)")
+    if again:
+        out(f"batches to run again: {', '.join(map(str, again))} (each: python main.py "
+            f"batch-continue {source} N --local-dir {local_dir}, with that batch's "
+            f"--metadata-dir)")
+    if any(r.verdict == "hash mismatch" for _, r in bad):
+        out("delete the files with a wrong hash first: a rerun keeps a finished file of the "
+            "right size")
 
 
 def run_result(task: Task, result: RunResult, as_json: bool) -> None:

@@ -15,7 +15,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -197,6 +197,51 @@ _RECOVER_HINT = ("restore it from a backup, or move it aside and run "
 
 
 # ---------------------------------------------------------------- paths
+
+@contextlib.contextmanager
+def exclusive_file(path: Path, *, wait: float = 120.0, stale: float = 60.0) -> Iterator[None]:
+    """Hold a lock file made with O_CREAT|O_EXCL: atomic on local disks and on NFS v3+, Lustre
+    and CephFS, where flock() may not reach the other machines. For short critical sections
+    (milliseconds): a lock older than `stale` seconds was left by a killed holder and is taken
+    over (moved aside first, so two takers cannot both win). Past `wait`: an HFDError."""
+    import random
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            break
+        except FileExistsError:
+            pass
+        if _take_stale(path, stale):
+            continue
+        if time.monotonic() > deadline:
+            raise HFDError(f"{path} has been held for over {wait:.0f} s",
+                           hint="if nothing else runs on this folder, remove that file")
+        time.sleep(random.uniform(0.02, 0.1))
+    with os.fdopen(fd, "w") as fh:        # who holds it, for a human looking at the folder
+        fh.write(f"{os.uname().nodename} {os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _take_stale(path: Path, stale: float) -> bool:
+    """Remove a lock file older than `stale` seconds; True when one was removed."""
+    try:
+        if time.time() - os.lstat(path).st_mtime < stale:
+            return False
+        aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
+        os.rename(path, aside)               # one taker gets the file; the others get ENOENT
+    except FileNotFoundError:
+        return True
+    if time.time() - os.lstat(aside).st_mtime < stale:     # a fresh lock taken meanwhile:
+        with contextlib.suppress(OSError):                  # give it back (never over a new one)
+            os.link(aside, path)
+    os.unlink(aside)
+    return True
+
 
 def safe_relpath(name: str) -> str:
     """Validate a repo path before it is joined to a local folder; return it normalised."""
@@ -407,8 +452,15 @@ class Partial:
         flags = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "r+b": os.O_RDWR,
                  "w+b": os.O_RDWR | os.O_CREAT | os.O_TRUNC}[mode]
         self._check_folder()
+        flags |= os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT:
+                    raise
+                self.prepare()      # another process sharing the target tidied the folder away
+                fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafePathError(f"refused to write through a symlink: {self.path}") from None

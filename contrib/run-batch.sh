@@ -8,9 +8,7 @@
 #             filters, files with sizes and hashes)
 # BATCH       the batch number, 1..N
 # SHARED_DIR  a folder every worker sees (NFS, Lustre, CephFS, a PVC). Files land in
-#             SHARED_DIR/data/batch-BATCH (one folder per batch: a folder's disk marker holds one
-#             batch until shared-folder support lands, then SHARED_DIR/data for all batches; this
-#             line and the --local-dir below are the only difference); each batch keeps its own task
+#             SHARED_DIR/data (the same for all batches); each batch keeps its own task
 #             records in SHARED_DIR/meta/batch-BATCH and its logs in SHARED_DIR/logs/batch-BATCH,
 #             so a rerun of the same batch (requeue, retry) resumes where it stopped.
 #
@@ -39,4 +37,4 @@ exec "${PYTHON:-python3}" "$main" \
     --metadata-dir "$shared/meta/batch-$batch" \
     --downloads-dir "$shared/data" \
     --logs-dir "$shared/logs/batch-$batch" \
-    batch-continue "$plan" "$batch" --local-dir "$shared/data/batch-$batch" "$@"
+    batch-continue "$plan" "$batch" --local-dir "$shared/data" "$@"

@@ -430,3 +430,54 @@ def test_format_plan_shortens_long_paths():
     long = "data/" + "very-long-folder-name/" * 5 + "shard-00001.parquet"
     text = bp.format_plan(bp.plan_batches([F(long, 1)], 10), 10)
     assert long not in text and "..." in text and "shard-00001.parquet" in text
+
+
+# ---------------------------------------------------------------- --workers
+
+def _best_split(sizes: list[int], count: int) -> int:
+    """The smallest largest batch of any order-keeping split into `count` runs (brute force)."""
+    import itertools
+    n = len(sizes)
+    return min(max(sum(sizes[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+               for cuts in itertools.combinations(range(1, n), count - 1))
+
+
+def test_workers_split_in_order_every_file_once_the_largest_batch_smallest() -> None:
+    rng = random.Random(15)
+    for _ in range(400):
+        n, workers = rng.randint(1, 11), rng.randint(1, 6)
+        files = [F(f"f{i:02d}", rng.choice([0, 1, 7, 100, rng.randint(0, 1000)])) for i in range(n)]
+        batches = bp.plan_workers(files, workers)
+        assert [p for b in batches for p in b.paths] == [f.path for f in files]
+        assert len(batches) == min(workers, n) and all(b.paths for b in batches)
+        assert [b.number for b in batches] == list(range(1, len(batches) + 1))
+        largest = max(b.total_bytes for b in batches)
+        assert largest == _best_split([f.size for f in files], len(batches))
+        assert largest <= -(-sum(f.size for f in files) // len(batches)) + max(f.size for f in files)
+
+
+def test_workers_batches_are_about_equal() -> None:
+    files = [F(f"d{i % 3}/s{i:03d}", 1000 + 7 * i) for i in range(120)]
+    sizes = [b.total_bytes for b in bp.plan_workers(files, 4)]
+    assert len(sizes) == 4 and max(sizes) - min(sizes) <= 1000 + 7 * 119
+
+
+def test_workers_within_a_disk_run_in_rounds_of_n_and_refuse_a_file_no_disk_holds() -> None:
+    files = [F(f"s{i:02d}", 100) for i in range(40)]          # 4,000 bytes
+    batches = bp.plan_workers(files, 3, capacity=700)          # needs 6 disks: 2 rounds of 3
+    assert len(batches) == 6 and all(b.total_bytes <= 700 for b in batches)
+    assert [p for b in batches for p in b.paths] == [f.path for f in files]
+    assert len(bp.plan_workers(files, 4, capacity=10_000)) == 4
+    with pytest.raises(UsageError, match="bigger than one disk"):
+        bp.plan_workers([*files, F("huge", 800)], 3, capacity=700)
+    with pytest.raises(UsageError, match="workers"):
+        bp.plan_workers(files, 0)
+    assert bp.plan_workers([], 3) == []
+
+
+def test_workers_plan_of_a_30tb_listing_is_quick() -> None:
+    files = dataset_30tb()
+    started = time.monotonic()
+    batches = bp.plan_workers(files, 64)
+    assert time.monotonic() - started < 5
+    assert len(batches) == 64 and sum(b.file_count for b in batches) == len(files)

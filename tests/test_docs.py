@@ -51,7 +51,7 @@ REVISIONS = {"607a30d": "gpt2@main"}
 # {scratch} is the document's scratch folder, {hub} the fake Hub's URL. Mount points are created.
 PATHS = {"/data/": "{scratch}/data/", "/mnt/data": "{scratch}/mnt/data", "/media/usb": "{scratch}/media/usb",
          "/path/to/": "{scratch}/path/to/", "/tmp/": "{scratch}/tmp/", "/var/log/": "{scratch}/var/log/",
-         "https://hf-mirror.com": "{hub}"}
+         "/shared/": "{scratch}/shared/", "https://hf-mirror.com": "{hub}"}
 MOUNT_POINTS = ("mnt/data", "media/usb", "path/to/hf-downloader")
 
 # Files a command promises (besides the doc's own `# -> PATH` comments), relative to the scratch

@@ -245,3 +245,32 @@ def test_error_types_carry_their_exit_status(cls: type[HFDError], status: int) -
     assert (str(err), err.hint, err.exit_status) == ("it broke", "do this", status)
     assert cls("x", exit_status=ExitStatus.CANCELLED).exit_status == ExitStatus.CANCELLED
     assert cls.exit_status == status                   # an override does not leak to the class
+
+
+def test_exclusive_file_excludes_takes_over_a_stale_lock_and_times_out(tmp_path: Path) -> None:
+    import os
+    import threading
+    import time
+    lock, inside, most = tmp_path / "m.lock", [0], [0]
+
+    def worker() -> None:
+        for _ in range(20):
+            with utils.exclusive_file(lock):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.001)
+                inside[0] -= 1
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and not lock.exists()
+    lock.write_text("node 1\n")                      # left by a killed holder long ago
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    with utils.exclusive_file(lock, stale=60):
+        assert lock.read_text() != "node 1\n"
+        with pytest.raises(HFDError, match="held for over"):   # a live holder: wait, then say so
+            with utils.exclusive_file(lock, wait=0.3):
+                pass
+    assert not lock.exists() and list(tmp_path.iterdir()) == []
