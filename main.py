@@ -458,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  to_file=args.command not in READ_ONLY)
         log.debug("command: %s", args.command)
         from commands import HANDLERS
-        return int(HANDLERS[args.command](args, cfg))
+        handler = HANDLERS.get(args.command)
+        if handler is None:            # the batch commands have a module of their own
+            from batch_commands import HANDLERS as BATCH_HANDLERS
+            handler = BATCH_HANDLERS[args.command]
+        return int(handler(args, cfg))
     except HFDError as exc:
         hint = exc.hint
         if cfg is not None and isinstance(exc, HubError) and not _token_allowed(cfg):

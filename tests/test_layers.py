@@ -11,7 +11,7 @@ from tests.helpers import ROOT
 
 MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
 MAX_LINES = 650            # a guard; the target is ~600
-CLI_LAYER = {"main", "commands"}     # argparse stays here; managers never see it
+CLI_LAYER = {"main", "commands", "batch_commands"}     # argparse stays here; managers never see it
 
 
 def imports(path: Path) -> set[str]:
@@ -45,7 +45,7 @@ def test_no_import_cycle() -> None:
 def test_only_the_cli_layer_sees_argparse_and_nothing_imports_main() -> None:
     assert {n for n, p in MODULES.items() if "argparse" in imports(p)} <= CLI_LAYER
     assert {n for n, deps in GRAPH.items() if "main" in deps} == set()
-    assert {n for n, deps in GRAPH.items() if "commands" in deps} <= {"main"}
+    assert {n for n, deps in GRAPH.items() if "commands" in deps} <= {"main", "batch_commands"}
 
 
 def test_every_module_opens_with_a_docstring() -> None:

@@ -204,7 +204,7 @@ def test_an_array_job_fetches_every_batch_once_and_resumes_a_cancelled_or_requeu
     shared = tmp_path / "shared"
     (shared / "logs").mkdir(parents=True)
     plan = shared / "plan.json"
-    r = cli("plan-batch", "org/corpus", "--dataset", "--available-space", "1500K", "--output",
+    r = cli("plan-batch", "org/corpus", "--dataset", "--workers", "4", "--output",
             str(plan), env={"HF_TOKEN": TOKEN})
     assert r.code == 0, r.text
     batches = [b["paths"] for b in json.loads(plan.read_text())["batches"]]
@@ -236,6 +236,9 @@ def test_an_array_job_fetches_every_batch_once_and_resumes_a_cancelled_or_requeu
     assert all(f.fired == 1 for f in faults.values())
 
     assert_every_file_once(shared / "data", files)
+    # the whole result, from a machine with no task records
+    r = cli("verify", "--plan", str(plan), "--local-dir", str(shared / "data"))
+    assert r.code == 0, r.text
     for path in stalled.values():                 # the second try continued from the bytes on disk
         last = [rq for rq in hub.requests if rq.file == path and rq.kind == "cdn"][-1]
         assert last.status == 206 and int((last.range or "=0").split("=")[1].split("-")[0]) > 0, last
