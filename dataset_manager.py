@@ -23,7 +23,7 @@ REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)      # slots: a 100k-file listing is 100k of these
 class RemoteFile:
     """One file of a repo at one commit, as the tree listing gives it."""
 

@@ -80,7 +80,7 @@ def plan_work(tracker: FileTracker, local_dir: Path, todo: list[str] | None) -> 
         missing = forget_missing(tracker, local_dir)
         todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
     else:       # a batch: its other files live on other disks, absent is expected
-        todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
+        todo = [p for p in todo if tracker.state(p) != FileState.COMPLETED.value]
     return WorkList(todo, adopted, missing)
 
 
@@ -148,7 +148,7 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
         log.warning("%d completed files are no longer on disk; fetching them again",
                     work.missing)
     for path in work.todo:           # a new run gives failed files a fresh set of tries
-        if tracker.status[path]["status"] == FileState.FAILED.value:
+        if tracker.state(path) == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
     store.clear_cancel(task.id)
     # The reserve guards bytes still to write: a run with none (a complete task on a nearly full

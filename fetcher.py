@@ -397,7 +397,7 @@ def live_publisher(path: Path | None, tracker: FileTracker, progress: Progress,
         return None
     inside = set(scope)
     outside = [f for f in tracker.files if f.path not in inside
-               and tracker.status[f.path]["status"] == FileState.COMPLETED.value]
+               and tracker.state(f.path) == FileState.COMPLETED.value]
     summary = tracker.summary()
     return LivePublisher(path, progress.snapshot, pid=os.getpid(),
                          base_bytes=sum(f.size for f in outside), base_files=len(outside),

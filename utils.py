@@ -136,8 +136,12 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 1) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # dumps, not dump: only dumps uses the C encoder (4-5x faster on a 100k-file status);
+        # no indent means no spaces either (the per-file files are read by programs)
+        text = json.dumps(data, indent=indent, ensure_ascii=False,
+                          separators=(",", ":") if indent is None else None)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, ensure_ascii=False)
+            f.write(text)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
