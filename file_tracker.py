@@ -337,9 +337,15 @@ def check_files(tracker: FileTracker, local_dir: Path, paths: Iterable[str], *, 
     if not paths:
         return []
     workers = workers or max(1, min(4, os.cpu_count() or 1))
+    results: list[CheckResult] = []
+    # In slices: pool.map makes a Future (~1 KB) per item at once, 100+ MB for 100k files.
+    step = 64 * workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: check_file(safe_join(local_dir, p), tracker.by_path[p],
-                                                  quick=quick), paths))
+        for at in range(0, len(paths), step):
+            results.extend(pool.map(lambda p: check_file(safe_join(local_dir, p),
+                                                         tracker.by_path[p], quick=quick),
+                                    paths[at:at + step]))
+    return results
 
 
 def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckResult], *,
