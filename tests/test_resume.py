@@ -348,3 +348,32 @@ def test_files_found_on_disk_are_recorded(cli, hub):
     assert hub.count(path_contains="/resolve/") == 0
     status = file_states(cli.metadata / "tasks" / "task_002")
     assert {e["status"] for e in status.values()} == {"completed"}
+
+
+OLD_TASK = Path(__file__).parent / "fixtures" / "old_format_task"    # written by 2255643's code
+
+
+def test_a_task_from_before_the_compact_files_resumes(cli, hub):
+    """file_list.json (a dict and a URL per file) and file_status.json (a full entry per file)
+    as the version before the compact format wrote them: resume fetches only the files they
+    record as not done, and saves the states compact (file_list.json is rewritten only when
+    the listing changes: the old form stays readable)."""
+    files = {"a.bin": b"a" * 3000, "sub/b.txt": b"hello b\n", "sub/deep/c.bin": b"c" * 500,
+             "d.txt": b"d"}
+    sha = hub.add_repo("org/repo", files, lfs=lambda path, size: path.endswith(".bin"))
+    assert cli("download", "org/repo", "--tool", "python").code == 0
+    folder = cli.metadata / "tasks" / "task_001"
+    for name in ("file_list.json", "file_status.json"):      # a.bin, d.txt: done; the rest not
+        text = (OLD_TASK / name).read_text().replace("c1" * 20, sha)    # this hub's commit
+        (folder / name).write_text(text)
+    for name in ("sub/b.txt", "sub/deep/c.bin"):
+        (cli.downloads / "org--repo" / name).unlink()
+    hub.reset_log()
+    r = cli("resume", "task_001", "--tool", "python")
+    assert r.code == 0, r.text
+    assert_same_tree(cli.downloads / "org--repo", files)
+    assert {p: hub.file_downloads(p) for p in files} == \
+        {"a.bin": 0, "sub/b.txt": 1, "sub/deep/c.bin": 1, "d.txt": 0}
+    saved = json.loads((folder / "file_status.json").read_text())
+    assert saved["completed"] == [[0, 4]] and saved["counts"]["completed"] == 4
+    assert file_states(folder)["d.txt"]["attempts"] == 2          # its details were kept
