@@ -52,11 +52,9 @@ def stop_signals(stopper: Stopper):
 
 def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -> int:
     """What the selected files still need on disk: their sizes minus partial bytes present."""
-    needed = 0
-    for path in todo:
-        f = tracker.by_path[path]
-        needed += max(0, f.size - Partial(local_dir, f.path, f.expected_hash).bytes_on_disk())
-    return needed
+    files = [tracker.by_path[path] for path in todo]
+    have = Partial.bytes_of(local_dir, ((f.path, f.expected_hash) for f in files))
+    return sum(max(0, f.size - have.get(f.path, 0)) for f in files)
 
 
 @dataclass(frozen=True)
