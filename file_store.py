@@ -130,9 +130,20 @@ class StatusTable(Mapping[str, dict[str, Any]]):
 
     # ---------------------------------------------------------------- file_status.json
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, by_path: bool = False) -> dict[str, Any]:
         """The compact form: completed files as runs [start, count] with their times, the
-        details of the others keyed by path (with their state unless pending)."""
+        details of the others keyed by path (with their state unless pending). `by_path`:
+        every file not plainly pending keyed by path, which loads against any listing (written
+        while file_list.json changes, so a crash between the two files loses no state)."""
+        if by_path:
+            files: dict[str, dict[str, Any]] = {}
+            for i, code in enumerate(self.codes):
+                if code != PENDING or i in self.details:
+                    entry = {**(self.details.get(i) or {}), "status": STATES[code]}
+                    if code == COMPLETED and self.done_at[i]:
+                        entry.setdefault("completed_at", _iso(self.done_at[i]))
+                    files[self.files[i].path] = entry
+            return {"created_at": self.created_at, "files": files}
         runs: list[list[int]] = []
         times: list[int] = []
         last = 0

@@ -199,13 +199,13 @@ class FileTracker:
         if self._dirty:
             self.save()
 
-    def save(self) -> None:
+    def save(self, *, by_path: bool = False) -> None:
         """file_status.json in the compact form (file_store): defaults are not written."""
         with self._lock:
             started = self.clock()
             data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
                     "commit": self.meta["commit"], "updated_at": now_iso(),
-                    "counts": dict(self.counts), **self.status.to_json()}
+                    "counts": dict(self.counts), **self.status.to_json(by_path=by_path)}
             write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
             self._dirty = False
             self._last_save = self.clock()
@@ -256,6 +256,9 @@ class FileTracker:
             self.meta["commit"] = listing.commit
             self._recount()
             self._dirty = True
+        # The states keyed by path first: they load against the old list and the new one, so
+        # a crash between the two files loses none (index runs fit one list only).
+        self.save(by_path=True)
         self.write_list(endpoint)
         self.save()
         old_versions = {p: old[p].expected_hash for p in changed + removed}

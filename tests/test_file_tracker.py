@@ -308,3 +308,29 @@ def test_task_state_and_file_state_do_not_import_each_other() -> None:
     import task_manager
     assert "task_manager" not in imported_modules(ft)
     assert "file_tracker" not in imported_modules(task_manager)
+
+
+def test_a_crash_while_a_sync_rewrites_the_list_loses_no_state(tmp_path: Path,
+                                                               tracker: FileTracker) -> None:
+    """sync writes the states keyed by path before the new file_list.json: stopped after it,
+    before the compact save, the new list loads with every state (index runs saved for the
+    old list would not apply to it)."""
+    tracker.complete("a.bin", 3000)
+    tracker.complete("sub/b.txt", 8)
+    tracker.save()
+    newer = listing([remote("new.txt", b"new"), *FILES], commit="c2" * 20)
+    save, calls = tracker.save, []
+
+    def crash_on_the_compact_save(*, by_path: bool = False) -> None:
+        calls.append(by_path)
+        if not by_path:
+            raise OSError("power cut")
+        save(by_path=by_path)
+    tracker.save = crash_on_the_compact_save       # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        tracker.sync(newer, ENDPOINT)
+    assert calls == [True, False]
+    again = FileTracker.load(tmp_path / "task", "task_001")      # the new list, saved states
+    assert again.meta["commit"] == "c2" * 20 and again.files[0].path == "new.txt"
+    assert again.paths_in(FileState.COMPLETED) == ["a.bin", "sub/b.txt"]
+    assert again.status["a.bin"]["completed_at"] == tracker.status["a.bin"]["completed_at"]
