@@ -6,6 +6,7 @@ Also the cap on any server-asked wait (`capped_wait`), which file transfers shar
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -167,8 +168,6 @@ def _opener(t: Timeouts) -> Any:
     verify TLS like requests does (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi), and keep
     the token on same-origin redirects only."""
     import http.client
-    import os
-    import ssl
     import urllib.request
     from urllib.parse import urlsplit
     if t in _openers:
@@ -191,7 +190,7 @@ def _opener(t: Timeouts) -> Any:
 
     class Https(urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
-            return self.do_open(timed(http.client.HTTPSConnection), req, context=context)
+            return self.do_open(timed(http.client.HTTPSConnection), req, context=_tls())
 
     class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
@@ -201,10 +200,17 @@ def _opener(t: Timeouts) -> Any:
                 new.remove_header("Authorization")
             return new
 
+    _openers[t] = urllib.request.build_opener(Http, Https, Redirect)
+    return _openers[t]
+
+
+@functools.lru_cache(maxsize=1)
+def _tls() -> Any:
+    """The TLS context, made on the first https request (loading the CAs takes ~30 ms)."""
+    import os
+    import ssl
     cafile = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
     if not cafile:
         import certifi
         cafile = certifi.where()
-    context = ssl.create_default_context(cafile=cafile)
-    _openers[t] = urllib.request.build_opener(Http, Https, Redirect)
-    return _openers[t]
+    return ssl.create_default_context(cafile=cafile)

@@ -53,12 +53,25 @@ def _existing_ancestor(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _mount_points() -> list[str]:
+    """The mount table's mount points: /proc/self/mounts where there is one (what psutil
+    reads too, without importing it at start-up), else psutil."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        import psutil
+        return [m.mountpoint for m in psutil.disk_partitions(all=True)]
+    # the fields escape space, tab, newline and backslash as octal: \040 \011 \012 \134
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+            for line in lines if len(line.split()) > 1]
+
+
 def _mount_point(path: Path, device: int) -> str:
     """Longest mount-table prefix on the same device; else walk up until st_dev changes."""
-    import psutil
     real = os.path.realpath(path)
-    candidates = [m.mountpoint for m in psutil.disk_partitions(all=True)
-                  if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")]
+    candidates = [m for m in _mount_points()
+                  if real == m or real.startswith(m.rstrip("/") + "/")]
     for mount in sorted(candidates, key=len, reverse=True):
         try:
             # Only ancestors of `path` are stat'ed: a dead network mount elsewhere cannot hang us.
