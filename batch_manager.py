@@ -264,7 +264,7 @@ def batch_progress(batch: Batch, tracker: FileTracker,
     plan's record of the batch) says whether its last run was stopped (`stopped`: why) and the
     partial bytes that run kept on the disk: they count as done bytes (never fetched again)."""
     from file_tracker import FileState
-    states = [tracker.status[p]["status"] for p in batch.paths]
+    states = [tracker.state(p) for p in batch.paths]
     done = sum(1 for s in states if s == FileState.COMPLETED.value)
     done_bytes = sum(tracker.by_path[p].size for p, s in zip(batch.paths, states)
                      if s == FileState.COMPLETED.value)
@@ -417,7 +417,7 @@ def _finish_batch(store: TaskStore, task: Task, plan: Plan, batch: Batch,
     entry.pop("stopped", None)
     if result.stop is not None:
         open_paths = [p for p in batch.paths
-                      if tracker.status[p]["status"] != FileState.COMPLETED.value]
+                      if tracker.state(p) != FileState.COMPLETED.value]
         needed = sum(tracker.by_path[p].size for p in open_paths)
         entry["stopped"] = {"reason": result.stop.value, "at": now_iso(), "partial_bytes":
                             needed - bytes_still_needed(tracker, target, open_paths)}

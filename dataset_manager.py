@@ -1,9 +1,12 @@
 """The Hub side: resolve a revision to a commit, list files, and the registry in datasets.json.
 
-All Hub API calls go through huggingface_hub's HfApi (imported lazily: it costs ~0.2 s).
+Hub API calls go straight over HTTP (hub_http): huggingface_hub's client took longer to import
+than listing a 13-file repo, and kept an object per entry of the listing.
 """
 from __future__ import annotations
 
+import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +18,14 @@ from utils import (SCHEMA_VERSION, HFDError, HubError, MetadataError, UsageError
                    hub_name_problem, path_selected, read_json, safe_relpath,
                    write_json_atomic)
 
-if TYPE_CHECKING:  # the real import is lazy (see the module docstring)
-    from huggingface_hub import HfApi
+if TYPE_CHECKING:
     from task_manager import Task
 
 REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)      # slots: a 100k-file listing is 100k of these
 class RemoteFile:
     """One file of a repo at one commit, as the tree listing gives it."""
 
@@ -80,17 +82,33 @@ def validate_repo_id(repo_id: str) -> str:
 
 # ---------------------------------------------------------------- Hub access
 
-def _api(endpoint: str, token: str | None) -> HfApi:
+_API_TYPE = {"model": "models", "dataset": "datasets", "space": "spaces"}
+
+
+def _api_url(endpoint: str, repo_id: str, repo_type: str, what: str, revision: str) -> str:
+    return (f"{endpoint.rstrip('/')}/api/{_API_TYPE[repo_type]}/{repo_id}/{what}/"
+            f"{quote(revision, safe='')}")
+
+
+def _get_json(url: str, token: str | None) -> tuple[Any, Any]:
     import config
     import hub_http
-    from huggingface_hub import HfApi
-    hub_http.install(config.get_config().api_policy())   # timeouts and retries on every call
-    return HfApi(endpoint=endpoint, token=token if token else False,
-                 library_name="hf-downloader")
+    return hub_http.get_json(url, token, config.get_config().api_policy())
 
 
 def hub_token() -> str | None:
-    """HF_TOKEN, else the token that 'hf auth login' saved (found by huggingface_hub)."""
+    """HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), else the token that 'hf auth login' saved, as
+    huggingface_hub finds them; the library itself (~0.3 s to import) only when there may be
+    more to it than the environment: a token file, OIDC, Colab."""
+    import os
+    if not os.environ.get("HF_OIDC_RESOURCE"):
+        env = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "")
+        env = env.replace("\r", "").replace("\n", "").strip()
+        if env:
+            return env
+        from huggingface_hub import constants       # light: paths from the environment
+        if not os.path.exists(constants.HF_TOKEN_PATH) and "google.colab" not in sys.modules:
+            return None
     from huggingface_hub import get_token
     try:
         return get_token()
@@ -102,41 +120,80 @@ def resolve_commit(repo_id: str, repo_type: str, revision: str, endpoint: str,
                    token: str | None) -> str:
     """Resolve a branch, tag or commit to the commit sha."""
     with _hub_errors(repo_id, repo_type, revision, endpoint, token):
-        info = _api(endpoint, token).repo_info(repo_id, repo_type=repo_type, revision=revision)
-    if not info.sha:
+        check_repo_id(repo_id)
+        info, _ = _get_json(_api_url(endpoint, repo_id, repo_type, "revision", revision), token)
+    sha = info.get("sha") if isinstance(info, dict) else None
+    if not sha or not isinstance(sha, str):
         raise HubError(f"{endpoint} gave no commit for {repo_id}@{revision}",
                        hint="check that --endpoint points at a Hugging Face Hub or mirror")
-    return info.sha
+    return sha
 
 
 def list_files(repo_id: str, repo_type: str, revision: str, endpoint: str,
                token: str | None, include: Iterable[str] | None = None,
                exclude: Iterable[str] | None = None) -> Listing:
-    """Resolve the revision once, then list the tree at that commit (paged by the client)."""
-    from huggingface_hub import RepoFile
+    """Resolve the revision once, then list the tree at that commit, page by page (each page
+    turned into RemoteFiles at once: no per-entry objects of a client library are kept)."""
+    import hub_http
     commit = resolve_commit(repo_id, repo_type, revision, endpoint, token)
     files: list[RemoteFile] = []
     refused: list[tuple[str, str]] = []
+    url: str | None = _api_url(endpoint, repo_id, repo_type, "tree", commit) + \
+        "?recursive=true&expand=false"
     with _hub_errors(repo_id, repo_type, revision, endpoint, token):
-        entries = _api(endpoint, token).list_repo_tree(
-            repo_id, repo_type=repo_type, revision=commit, recursive=True)
-        for entry in entries:
-            if not isinstance(entry, RepoFile):      # a folder
-                continue
-            try:
-                path = safe_relpath(entry.path)
-            except ValueError as exc:
-                refused.append((entry.path, str(exc)))
-                continue
-            problem = hub_name_problem(path)
-            if problem:
-                refused.append((entry.path, problem))
-                continue
-            sha256 = entry.lfs.sha256 if entry.lfs is not None else None
-            files.append(RemoteFile(path, int(entry.size), entry.blob_id, sha256))
+        while url:
+            page, headers = _get_json(url, token)
+            if not isinstance(page, list):
+                raise ValueError(f"a tree page that is not a list ({type(page).__name__})")
+            for entry in page:
+                _add_entry(entry, files, refused)
+            url = hub_http.next_page(headers, url)
     files = _refuse_file_folder_clashes(files, refused)
     files = [f for f in files if path_selected(f.path, include, exclude)]
     return Listing(repo_id, repo_type, revision, commit, files, refused)
+
+
+def _add_entry(entry: Any, files: list[RemoteFile], refused: list[tuple[str, str]]) -> None:
+    """One tree entry: a file becomes a RemoteFile, or is refused with the reason; folders
+    are skipped."""
+    if not isinstance(entry, dict) or entry.get("type") != "file":
+        return
+    name, size, oid, lfs = entry.get("path"), entry.get("size"), entry.get("oid"), entry.get("lfs")
+    sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
+    if not isinstance(name, str) or not isinstance(oid, str) or not isinstance(size, int) \
+            or isinstance(size, bool) or size < 0 or not (sha256 is None or isinstance(sha256, str)):
+        raise ValueError(f"a tree entry without a name, size or hash: {str(entry)[:200]}")
+    try:
+        path = safe_relpath(name)
+    except ValueError as exc:
+        refused.append((name, str(exc)))
+        return
+    problem = hub_name_problem(path)
+    if problem:
+        refused.append((name, problem))
+        return
+    files.append(RemoteFile(path, size, oid, sha256))
+
+
+_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b$")
+
+
+class RepoIdError(ValueError):
+    """A repo id huggingface_hub's validate_repo_id refuses (the same rules and words)."""
+
+
+def check_repo_id(repo_id: str) -> None:
+    if repo_id.count("/") > 1:
+        raise RepoIdError("Repo id must be in the form 'repo_name' or 'namespace/repo_name': "
+                          f"'{repo_id}'. Use `repo_type` argument if needed.")
+    if not _REPO_ID.match(repo_id):
+        raise RepoIdError("Repo id must use alphanumeric chars, '-', '_' or '.'. The name cannot "
+                          "start or end with '-' or '.' and the maximum length is 96: "
+                          f"'{repo_id}'.")
+    if "--" in repo_id or ".." in repo_id:
+        raise RepoIdError(f"Cannot have -- or .. in repo_id: '{repo_id}'.")
+    if repo_id.endswith(".git"):
+        raise RepoIdError(f"Repo_id cannot end by '.git': '{repo_id}'.")
 
 
 def _refuse_file_folder_clashes(files: list[RemoteFile],
@@ -176,38 +233,37 @@ class _hub_errors:
 
 
 def _translate(exc: BaseException, ctx: _hub_errors) -> HFDError:
+    """As huggingface_hub's hf_raise_for_status reads the Hub's answer (X-Error-Code first)."""
     import hub_http
-    from huggingface_hub import errors
     what = f"{ctx.repo_type} {ctx.repo_id}"
     type_flag = {"model": "", "dataset": " --dataset", "space": " --repo-type space"}
-    if isinstance(exc, errors.GatedRepoError):
-        if ctx.token:
-            return HubError(f"{what} is gated and your token has no access to it",
-                            hint=f"ask for access at {ctx.endpoint}/{_URL_PREFIX[ctx.repo_type]}"
-                                 f"{ctx.repo_id}, then try again")
-        return HubError(f"{what} is gated: a token is needed",
-                        hint="accept its terms on the Hub, then set HF_TOKEN=hf_... "
-                             "or run 'hf auth login'")
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return HubError(f"revision {ctx.revision!r} not found in {what}",
-                        hint="use a branch, tag or commit that exists (--revision)")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        hint = ("check the name" + ("" if ctx.repo_type != "model" else
-                                     "; for a dataset add --dataset") +
-                ("; if it is private, set HF_TOKEN or run 'hf auth login'" if not ctx.token
-                 else "; if it is private, check that your token can read it"))
-        return HubError(f"{what} not found at {ctx.endpoint}", hint=hint)
-    if isinstance(exc, errors.HFValidationError):
-        return UsageError(f"invalid repo id or revision: {exc}".splitlines()[0],
-                          hint="use NAME or ORG/NAME" + type_flag.get(ctx.repo_type, ""))
-    if isinstance(exc, errors.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status == 401:
+    if isinstance(exc, hub_http.ApiError):
+        if exc.code == "GatedRepo":
+            if ctx.token:
+                return HubError(f"{what} is gated and your token has no access to it",
+                                hint=f"ask for access at {ctx.endpoint}/"
+                                     f"{_URL_PREFIX[ctx.repo_type]}{ctx.repo_id}, then try again")
+            return HubError(f"{what} is gated: a token is needed",
+                            hint="accept its terms on the Hub, then set HF_TOKEN=hf_... "
+                                 "or run 'hf auth login'")
+        if exc.code == "RevisionNotFound":
+            return HubError(f"revision {ctx.revision!r} not found in {what}",
+                            hint="use a branch, tag or commit that exists (--revision)")
+        if exc.code == "RepoNotFound" or (
+                exc.status == 401 and exc.message != "Invalid credentials in Authorization header"):
+            hint = ("check the name" + ("" if ctx.repo_type != "model" else
+                                         "; for a dataset add --dataset") +
+                    ("; if it is private, set HF_TOKEN or run 'hf auth login'" if not ctx.token
+                     else "; if it is private, check that your token can read it"))
+            return HubError(f"{what} not found at {ctx.endpoint}", hint=hint)
+        if exc.status == 401:
             return HubError("the Hub refused the token (invalid credentials)",
                             hint="check HF_TOKEN or run 'hf auth login' again")
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return HubError(f"{ctx.endpoint} answered an error for {what}: {first}",
+        return HubError(f"{ctx.endpoint} answered an error for {what}: {exc}",
                         hint="try again later, or use a mirror with --endpoint")
+    if isinstance(exc, RepoIdError):
+        return UsageError(f"invalid repo id or revision: {exc}".splitlines()[0],
+                          hint="use NAME or ORG/NAME" + type_flag.get(ctx.repo_type, ""))
     if isinstance(exc, hub_http.ApiGaveUp) and exc.status is not None:
         return HubError(f"{ctx.endpoint} answered an error for {what}: {exc}",
                         hint="try again later, or use a mirror with --endpoint")

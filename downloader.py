@@ -52,11 +52,9 @@ def stop_signals(stopper: Stopper):
 
 def bytes_still_needed(tracker: FileTracker, local_dir: Path, todo: list[str]) -> int:
     """What the selected files still need on disk: their sizes minus partial bytes present."""
-    needed = 0
-    for path in todo:
-        f = tracker.by_path[path]
-        needed += max(0, f.size - Partial(local_dir, f.path, f.expected_hash).bytes_on_disk())
-    return needed
+    files = [tracker.by_path[path] for path in todo]
+    have = Partial.bytes_of(local_dir, ((f.path, f.expected_hash) for f in files))
+    return sum(max(0, f.size - have.get(f.path, 0)) for f in files)
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def plan_work(tracker: FileTracker, local_dir: Path, todo: list[str] | None) -> 
         missing = forget_missing(tracker, local_dir)
         todo = tracker.paths_in(FileState.PENDING, FileState.DOWNLOADING, FileState.FAILED)
     else:       # a batch: its other files live on other disks, absent is expected
-        todo = [p for p in todo if tracker.status[p]["status"] != FileState.COMPLETED.value]
+        todo = [p for p in todo if tracker.state(p) != FileState.COMPLETED.value]
     return WorkList(todo, adopted, missing)
 
 
@@ -148,7 +146,7 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
         log.warning("%d completed files are no longer on disk; fetching them again",
                     work.missing)
     for path in work.todo:           # a new run gives failed files a fresh set of tries
-        if tracker.status[path]["status"] == FileState.FAILED.value:
+        if tracker.state(path) == FileState.FAILED.value:
             tracker.reset(path, tracker.status[path].get("error"))
     store.clear_cancel(task.id)
     # The reserve guards bytes still to write: a run with none (a complete task on a nearly full

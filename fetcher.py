@@ -419,13 +419,7 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
 
 def partial_bytes(tracker: FileTracker, local_dir: Path, paths: list[str]) -> dict[str, int]:
     """The bytes already in the partials of `paths` (one stat each), by path."""
-    kept = {}
-    for p in paths:
-        f = tracker.by_path[p]
-        have = Partial(local_dir, f.path, f.expected_hash).bytes_on_disk()
-        if have:
-            kept[p] = have
-    return kept
+    return Partial.bytes_of(local_dir, ((p, tracker.by_path[p].expected_hash) for p in paths))
 
 
 def live_publisher(path: Path | None, tracker: FileTracker, progress: Progress,
@@ -435,7 +429,7 @@ def live_publisher(path: Path | None, tracker: FileTracker, progress: Progress,
         return None
     inside = set(scope)
     outside = [f for f in tracker.files if f.path not in inside
-               and tracker.status[f.path]["status"] == FileState.COMPLETED.value]
+               and tracker.state(f.path) == FileState.COMPLETED.value]
     summary = tracker.summary()
     return LivePublisher(path, progress.snapshot, pid=os.getpid(),
                          base_bytes=sum(f.size for f in outside), base_files=len(outside),

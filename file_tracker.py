@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dataset_manager import Listing, RemoteFile, file_url
+from dataset_manager import Listing, RemoteFile
+from file_store import (CODES, COMPLETED, STATES, FilesByPath, StatusTable, list_json,
+                        load_status, read_list_entries)
 from utils import (SCHEMA_VERSION, MetadataError, Partial, UnsafePathError,
                    hash_file, now_iso, read_json, safe_join, safe_relpath, safe_target,
                    write_json_atomic)
@@ -56,13 +58,11 @@ FILE_STATUS = "file_status.json"   # their states, saved coalesced
 class FileTracker:
     """The files of one task and their states, kept in memory and saved coalesced."""
 
-    def __init__(self, folder: Path, task_id: str, files: list[RemoteFile],
-                 status: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, task_id: str, status: StatusTable,
+                 meta: dict[str, Any]) -> None:
         self.folder = Path(folder)          # the task folder (task_manager.TaskStore.folder)
         self.task_id = task_id
-        self.files = files
-        self.by_path = {f.path: f for f in files}
-        self.status = status
+        self._adopt(status)
         self.meta = meta                      # repo_id, repo_type, commit
         self.min_interval = 1.0
         self.clock: Callable[[], float] = time.monotonic     # a parameter, so tests need no sleep
@@ -71,16 +71,18 @@ class FileTracker:
         self._last_save = 0.0
         self._recount()
 
+    def _adopt(self, status: StatusTable) -> None:
+        self.status = status                  # path -> status entry (file_store.StatusTable)
+        self.files = status.files
+        self.by_path = FilesByPath(status.files, status.index)
+
     # ------------------------------------------------------------ create / load
 
     @classmethod
     def create(cls, folder: Path, task_id: str, listing: Listing, endpoint: str) -> "FileTracker":
         meta = {"repo_id": listing.repo_id, "repo_type": listing.repo_type,
                 "commit": listing.commit}
-        tracker = cls(folder, task_id, list(listing.files), {}, meta)
-        for f in listing.files:
-            tracker.status[f.path] = _new_status(f)
-        tracker._recount()
+        tracker = cls(folder, task_id, StatusTable(list(listing.files), now_iso()), meta)
         tracker.write_list(endpoint)
         tracker.save()
         return tracker
@@ -88,59 +90,48 @@ class FileTracker:
     @classmethod
     def load(cls, folder: Path, task_id: str) -> "FileTracker":
         files, meta = _read_list(Path(folder))
-        return cls(folder, task_id, files, cls._load_status(Path(folder), files), meta)
+        return cls(folder, task_id, cls._load_status(Path(folder), files), meta)
 
     @staticmethod
-    def _load_status(folder: Path, files: list[RemoteFile]) -> dict[str, dict[str, Any]]:
+    def _load_status(folder: Path, files: list[RemoteFile]) -> StatusTable:
         """Read file_status.json; a missing or corrupt one says how to rebuild it."""
-        path = folder / FILE_STATUS
         try:
-            data = read_json(path)
-            status = data.get("files")
-            if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
-                raise MetadataError(f"metadata file {path} has a bad 'files' object")
-            for name, entry in status.items():
-                for key in ("actual_size", "attempts"):
-                    value = entry.get(key, 0)
-                    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                              or value < 0):
-                        raise MetadataError(f"metadata file {path}: {name!r} has a bad {key!r} "
-                                            f"(expected a whole number, got {value!r})")
+            return load_status(folder / FILE_STATUS, files)
         except MetadataError as exc:
             raise MetadataError(str(exc), hint="run 'python main.py fix-progress' to rebuild it "
                                                "from the files on disk") from None
-        for f in files:          # entries missing from a hand-edited file start over
-            if f.path not in status or status[f.path].get("status") not in _STATES:
-                status[f.path] = _new_status(f)
-        return status
 
     @classmethod
     def rebuild(cls, folder: Path, task_id: str) -> "FileTracker":
         """A fresh status for every file (fix-progress reconciles it with the disk next)."""
         files, meta = _read_list(Path(folder))
-        return cls(folder, task_id, files, {f.path: _new_status(f) for f in files}, meta)
+        return cls(folder, task_id, StatusTable(files, now_iso()), meta)
 
     def write_list(self, endpoint: str) -> None:
-        repo_id, repo_type, commit = self.meta["repo_id"], self.meta["repo_type"], self.meta["commit"]
-        entries = [{"filename": f.path, "url": file_url(endpoint, repo_id, repo_type, commit, f.path),
-                    "expected_size": f.size, "blob_id": f.blob_id, "sha256": f.sha256,
-                    "lfs": f.lfs} for f in self.files]
+        """file_list.json: the listing as rows, no URLs (dataset_manager.file_url makes them
+        from the endpoint, repo, commit and path)."""
         if not self.meta.get("removed"):
             self.meta.pop("removed", None)
         write_json_atomic(self.folder / FILE_LIST,
                           {"schema_version": SCHEMA_VERSION, "task_id": self.task_id, **self.meta,
-                           "files": entries}, indent=None)
+                           **list_json(self.files)}, indent=None)
 
     # ------------------------------------------------------------ transitions
 
     def set_state(self, path: str, state: FileState, **fields: Any) -> None:
         with self._lock:
-            entry = self.status[path]
-            self._count(entry, -1)
+            i = self.status.index[path]
+            entry = self.status.entry(i)
+            self._count(i, -1)
             entry["status"] = state.value
             entry.update(fields)
-            self._count(entry, +1)
+            self.status.store(i, entry)
+            self._count(i, +1)
             self._dirty = True
+
+    def state(self, path: str) -> str:
+        """The state of one file (cheaper than status[path]["status"])."""
+        return self.status.state(path)
 
     def start(self, path: str) -> None:
         f = self.by_path[path]
@@ -165,24 +156,25 @@ class FileTracker:
     def interrupted(self, path: str) -> None:
         """A download stopped from outside: back to pending, the partial stays for resume."""
         with self._lock:
-            if self.status[path]["status"] == FileState.DOWNLOADING.value:
+            if self.status.state(path) == FileState.DOWNLOADING.value:
                 self.set_state(path, FileState.PENDING)
 
     # ------------------------------------------------------------ counters
 
     def _recount(self) -> None:
-        self.counts = {s.value: 0 for s in FileState}
-        self.bytes_done = 0
+        codes = self.status.codes
+        self.counts = {s: codes.count(code) for code, s in enumerate(STATES)}
         self.bytes_total = sum(f.size for f in self.files)
-        for entry in self.status.values():
-            self._count(entry, +1)
+        self.bytes_done = sum(f.size for f, c in zip(self.files, codes) if c == COMPLETED)
+        for i, details in self.status.details.items():
+            if codes[i] == COMPLETED and "actual_size" in details:
+                self.bytes_done += self.status.done_bytes(i) - self.files[i].size
 
-    def _count(self, entry: dict[str, Any], sign: int) -> None:
-        state = entry.get("status", FileState.PENDING.value)
-        self.counts[state] = self.counts.get(state, 0) + sign
-        if state == FileState.COMPLETED.value:
-            self.bytes_done += sign * int(entry.get("actual_size") or 0)
-
+    def _count(self, i: int, sign: int) -> None:
+        code = self.status.codes[i]
+        self.counts[STATES[code]] += sign
+        if code == COMPLETED:
+            self.bytes_done += sign * self.status.done_bytes(i)
 
     def summary(self) -> dict[str, int]:
         with self._lock:
@@ -192,8 +184,8 @@ class FileTracker:
                     "bytes_total": self.bytes_total, "bytes_done": self.bytes_done}
 
     def paths_in(self, *states: FileState) -> list[str]:
-        wanted = {s.value for s in states}
-        return [f.path for f in self.files if self.status[f.path]["status"] in wanted]
+        wanted = {CODES[s.value] for s in states}
+        return [f.path for f, c in zip(self.files, self.status.codes) if c in wanted]
 
     # ------------------------------------------------------------ saving
 
@@ -207,12 +199,13 @@ class FileTracker:
         if self._dirty:
             self.save()
 
-    def save(self) -> None:
+    def save(self, *, by_path: bool = False) -> None:
+        """file_status.json in the compact form (file_store): defaults are not written."""
         with self._lock:
             started = self.clock()
             data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
                     "commit": self.meta["commit"], "updated_at": now_iso(),
-                    "counts": dict(self.counts), "files": self.status}
+                    "counts": dict(self.counts), **self.status.to_json(by_path=by_path)}
             write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
             self._dirty = False
             self._last_save = self.clock()
@@ -238,32 +231,34 @@ class FileTracker:
     def sync(self, listing: Listing, endpoint: str) -> SyncReport:
         """Adopt a new commit's listing: new or changed files go pending, removed ones are reported."""
         with self._lock:
-            old = self.by_path
+            old, old_table = self.by_path, self.status
+            table = StatusTable(list(listing.files), old_table.created_at)
             added, changed = [], []
-            for f in listing.files:
-                before = old.get(f.path)
-                if before is None:
+            for i, f in enumerate(table.files):
+                j = old_table.index.get(f.path)
+                if j is None:
                     added.append(f.path)
-                    self.status[f.path] = _new_status(f)
-                elif (before.expected_hash, before.size) != (f.expected_hash, f.size):
+                elif (old_table.files[j].expected_hash, old_table.files[j].size) == \
+                        (f.expected_hash, f.size):
+                    table.copy_from(old_table, j, i)
+                    continue
+                else:
                     changed.append(f.path)
-                    self.status[f.path] = _new_status(f)
-            new_paths = {f.path for f in listing.files}
-            removed = [p for p in old if p not in new_paths]
+                table.store(i, {"status": FileState.PENDING.value, "created_at": now_iso()})
+            removed = [p for p in old if p not in table.index]
             # What the task downloaded and upstream removed stays recorded until --prune
             # deletes it (on this run or any later one); a path listed again is no longer a
             # candidate.
-            downloaded = [old[p] for p in removed
-                          if self.status.get(p, {}).get("status") == FileState.COMPLETED.value]
-            self.set_removed([e for e in self.removed() if e.path not in new_paths] +
+            downloaded = [old[p] for p in removed if old_table.state(p) == FileState.COMPLETED.value]
+            self.set_removed([e for e in self.removed() if e.path not in table.index] +
                              downloaded)
-            for p in removed:
-                self.status.pop(p, None)
-            self.files = list(listing.files)
-            self.by_path = {f.path: f for f in self.files}
+            self._adopt(table)
             self.meta["commit"] = listing.commit
             self._recount()
             self._dirty = True
+        # The states keyed by path first: they load against the old list and the new one, so
+        # a crash between the two files loses none (index runs fit one list only).
+        self.save(by_path=True)
         self.write_list(endpoint)
         self.save()
         old_versions = {p: old[p].expected_hash for p in changed + removed}
@@ -287,8 +282,7 @@ def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
     if not isinstance(entries, list):
         raise MetadataError(f"metadata file {path} has no 'files' list", hint=_LIST_HINT)
     try:
-        files = [RemoteFile(safe_relpath(e["filename"]), _whole(e["expected_size"]),
-                            e["blob_id"], e.get("sha256")) for e in entries]
+        files = read_list_entries(entries)
     except (KeyError, TypeError, ValueError) as exc:
         raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
                             hint=_LIST_HINT) from None
@@ -314,15 +308,6 @@ def _whole(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise TypeError(f"expected a whole number of bytes, got {value!r}")
     return value
-
-
-def _new_status(f: RemoteFile) -> dict[str, Any]:
-    return {"status": FileState.PENDING.value, "actual_size": 0, "attempts": 0, "error": None,
-            "created_at": now_iso(), "completed_at": None, "expected_hash": f.expected_hash,
-            "hash_kind": f.hash_kind}
-
-
-_STATES = {s.value for s in FileState}
 
 
 # ---------------------------------------------------------------- the disk, the truth
@@ -355,9 +340,15 @@ def check_files(tracker: FileTracker, local_dir: Path, paths: Iterable[str], *, 
     if not paths:
         return []
     workers = workers or max(1, min(4, os.cpu_count() or 1))
+    results: list[CheckResult] = []
+    # In slices: pool.map makes a Future (~1 KB) per item at once, 100+ MB for 100k files.
+    step = 64 * workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: check_file(safe_join(local_dir, p), tracker.by_path[p],
-                                                  quick=quick), paths))
+        for at in range(0, len(paths), step):
+            results.extend(pool.map(lambda p: check_file(safe_join(local_dir, p),
+                                                         tracker.by_path[p], quick=quick),
+                                    paths[at:at + step]))
+    return results
 
 
 def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckResult], *,
@@ -371,7 +362,7 @@ def apply_checks(tracker: FileTracker, local_dir: Path, results: Iterable[CheckR
     for r in results:
         f = tracker.by_path[r.path]
         if r.verdict == "ok":
-            if tracker.status[r.path]["status"] != FileState.COMPLETED.value:
+            if tracker.state(r.path) != FileState.COMPLETED.value:
                 tracker.complete(r.path, f.size)
             continue
         if r.verdict == "missing":
@@ -425,7 +416,7 @@ def scan_disk(tracker: FileTracker, local_dir: Path,
     root = str(local_dir)
     unrecorded, vanished, resized = [], [], []
     for path in (tracker.by_path if paths is None else paths):
-        done = tracker.status[path]["status"] == FileState.COMPLETED.value
+        done = tracker.state(path) == FileState.COMPLETED.value
         try:      # a plain join: the names were validated when the listing was read
             st = os.stat(os.path.join(root, path))
             size = st.st_size if stat.S_ISREG(st.st_mode) else None
@@ -480,9 +471,9 @@ def reconcile_with_disk(tracker: FileTracker, local_dir: Path, *,
             tracker.set_state(path, FileState.PENDING)
             changes["now_pending"] += 1
     for r in check_files(tracker, local_dir, scan.unrecorded + scan.resized):
-        before = tracker.status[r.path]["status"]
+        before = tracker.state(r.path)
         apply_checks(tracker, local_dir, [r], missing_ok=missing_ok)
-        after = tracker.status[r.path]["status"]
+        after = tracker.state(r.path)
         if after != before:
             key = {FileState.COMPLETED.value: "now_completed",
                    FileState.PENDING.value: "now_pending"}.get(after, "now_failed")

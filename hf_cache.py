@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from dataset_manager import RemoteFile
 from utils import CACHE_REPO_PREFIXES, Partial, UnsafePathError, cache_repo_of, safe_join, safe_target
@@ -236,7 +236,7 @@ def unlink_unchecked(local_dir: Path, paths: Iterable[str]) -> None:
             os.unlink(final)
 
 
-def one_per_blob(files: dict[str, RemoteFile], todo: list[str]) -> list[str]:
+def one_per_blob(files: Mapping[str, RemoteFile], todo: list[str]) -> list[str]:
     """The files to fetch when several share a blob: the first of each (the others are linked
     to it afterwards)."""
     seen: set[str] = set()
@@ -262,7 +262,7 @@ def local_metadata_path(local_dir: Path, path: str) -> Path:
 
 
 def record_local_metadata(local_dir: Path, task_folder: Path, commit: str,
-                          files: dict[str, RemoteFile], completed: list[str],
+                          files: Mapping[str, RemoteFile], completed: list[str],
                           fresh: Iterable[str], log: logging.Logger) -> int:
     """Write the `.cache/huggingface/download/<path>.metadata` files `hf download --local-dir`
     keeps (commit, etag, timestamp; huggingface_hub's own writer), so that it and

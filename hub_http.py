@@ -1,21 +1,18 @@
-"""The HTTP client huggingface_hub uses for our Hub API calls: connect and read timeouts on
-every request, and retries with backoff (429 honouring a capped Retry-After, 5xx, network
-errors), installed through the library's own hook, `huggingface_hub.set_client_factory`.
+"""Our Hub API calls, straight over HTTP (urllib: importing huggingface_hub and its client
+costs more than listing a 10k-file repo): connect and read timeouts on every request, retries
+with backoff (429 honouring a capped Retry-After, 5xx, network errors), Link-header paging.
 
 Also the cap on any server-asked wait (`capped_wait`), which file transfers share.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
-import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
-
-if TYPE_CHECKING:
-    import httpx2
+from typing import Any, Mapping
 
 log = logging.getLogger("hfdl")
 
@@ -44,8 +41,7 @@ class ApiPolicy:
 class ApiGaveUp(Exception):
     """An API request failed `tries` times (timeouts, network errors, 429 or 5xx).
 
-    Not an httpx error on purpose: huggingface_hub's own backoff (on tree pages) must not
-    retry what we already retried."""
+    Not an OSError on purpose: nothing above must retry what was already retried."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -77,80 +73,144 @@ def _backoff(policy: ApiPolicy, tries: int) -> float:
     return min(60.0, policy.base_delay * 2 ** (tries - 1)) * random.uniform(0.5, 1.5)
 
 
-def _client_class() -> type:
-    import httpx2
+class ApiError(Exception):
+    """The Hub answered an API request with an error status that is not retried (4xx)."""
 
-    class HubClient(httpx2.Client):
-        """Every request gets our timeouts (huggingface_hub passes timeout=None, meaning
-        none) and is retried here; the last failure raises ApiGaveUp."""
+    def __init__(self, status: int, reason: str, code: str, message: str) -> None:
+        super().__init__(f"{status} {reason}" + (f": {message}" if message else ""))
+        self.status, self.code, self.message = status, code, message   # X-Error-Code, its text
 
-        policy: ApiPolicy = ApiPolicy()
 
-        def send(self, request: httpx2.Request, **kw: Any) -> httpx2.Response:  # type: ignore[override]
-            p = self.policy
-            t = p.timeouts
-            request.extensions["timeout"] = httpx2.Timeout(
-                t.read, connect=t.connect).as_dict()
-            tries = 0
-            while True:
-                tries += 1
-                try:
-                    response = super().send(request, **kw)
-                except httpx2.TransportError as exc:
-                    why = _transport_reason(exc, t)
-                    if tries >= p.tries:
-                        raise ApiGaveUp(f"{why} ({tries} tries)") from exc
-                    delay = _backoff(p, tries)
-                else:
-                    if response.status_code not in RETRY_STATUSES:
-                        return response
-                    response.close()
-                    why = f"HTTP {response.status_code}"
-                    if tries >= p.tries:
-                        raise ApiGaveUp(f"{why} ({tries} tries)", response.status_code)
-                    delay = _backoff(p, tries)
-                    asked = retry_after_header(response.headers)
-                    if response.status_code == 429:
-                        delay, line = capped_wait(asked if asked is not None else 5.0,
-                                                  p.max_wait)
-                        log.warning("%s", line)
-                log.info("API request %s %s failed (%s); retry %d of %d in %.1f s",
-                         request.method, request.url.copy_with(query=None), why, tries,
-                         p.tries - 1, delay)
-                time.sleep(delay)     # SIGTERM / ^C interrupt it (their handlers raise)
+def get_json(url: str, token: str | None, policy: ApiPolicy) -> tuple[Any, Mapping[str, str]]:
+    """GET a Hub API URL and parse its JSON: our timeouts, retries with backoff (429 honouring
+    a capped Retry-After, 5xx, network errors), redirects followed (the token only to the same
+    origin), proxies from the environment. Raises ApiGaveUp, ApiError, or ValueError for a
+    body that is not JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, headers={"User-Agent": "hf-downloader",
+                                                   "Accept-Encoding": "identity"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    opener = _opener(policy.timeouts)
+    tries = 0
+    while True:
+        tries += 1
+        status: int | None = None
+        headers: Any = None
+        try:
+            with opener.open(request, timeout=policy.timeouts.connect) as response:
+                return json.loads(response.read()), response.headers
+        except urllib.error.HTTPError as exc:
+            status, headers = exc.code, exc.headers
+            if status not in RETRY_STATUSES:
+                raise _api_error(exc) from None
+            why = f"HTTP {status}"
+        except (OSError, http_client_errors()) as exc:
+            why = _transport_reason(exc, policy.timeouts)
+        if tries >= policy.tries:
+            raise ApiGaveUp(f"{why} ({tries} tries)", status)
+        delay = _backoff(policy, tries)
+        if status == 429 and headers is not None:
+            asked = retry_after_header(headers)
+            delay, line = capped_wait(asked if asked is not None else 5.0, policy.max_wait)
+            log.warning("%s", line)
+        log.info("API request GET %s failed (%s); retry %d of %d in %.1f s",
+                 url.split("?")[0], why, tries, policy.tries - 1, delay)
+        time.sleep(delay)     # SIGTERM / ^C interrupt it (their handlers raise)
 
-    return HubClient
+
+def next_page(headers: Mapping[str, str], url: str) -> str | None:
+    """The `rel="next"` URL of a Link header (a tree listing's next page), made absolute."""
+    from urllib.parse import urljoin
+    for part in (headers.get("Link") or "").split(","):
+        match = re.match(r'\s*<([^>]*)>(.*)', part)
+        if match and re.search(r'\brel="?next"?', match.group(2)):
+            return urljoin(url, match.group(1))
+    return None
+
+
+def http_client_errors() -> type[Exception]:
+    import http.client
+    return http.client.HTTPException       # a malformed answer (not an OSError)
+
+
+def _api_error(exc: Any) -> ApiError:
+    import json
+    code = exc.headers.get("X-Error-Code") or ""
+    message = exc.headers.get("X-Error-Message") or ""
+    if not message:
+        try:
+            body = json.loads(exc.read(65536) or b"null")
+            message = str(body.get("error") or "") if isinstance(body, dict) else ""
+        except (OSError, ValueError):
+            message = ""
+    return ApiError(exc.code, str(exc.reason or ""), code, message)
 
 
 def _transport_reason(exc: BaseException, t: Timeouts) -> str:
-    import httpx2
-    if isinstance(exc, httpx2.ConnectTimeout):
-        return f"no connection within {t.connect:g} s"
-    if isinstance(exc, httpx2.TimeoutException):
+    import urllib.error
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, TimeoutError):
+        return f"no connection within {t.connect:g} s"     # urllib wraps errors of the connect
+    if isinstance(exc, TimeoutError):
         return f"no answer within {t.read:g} s"
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    text = str(reason).strip().splitlines()
+    return text[0][:200] if text else type(reason).__name__
 
 
-_installed: ApiPolicy | None = None
-_lock = threading.Lock()
+_openers: dict[Timeouts, Any] = {}
 
 
-def install(policy: ApiPolicy) -> None:
-    """Make huggingface_hub use a client with this policy (again only when it changed)."""
-    global _installed
-    with _lock:
-        if _installed == policy:
-            return
-        from huggingface_hub import set_client_factory
-        from huggingface_hub.utils._http import hf_request_event_hook
-        cls = _client_class()
+def _opener(t: Timeouts) -> Any:
+    """A urllib opener whose connections connect within t.connect and read within t.read,
+    verify TLS like requests does (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi), and keep
+    the token on same-origin redirects only."""
+    import http.client
+    import urllib.request
+    from urllib.parse import urlsplit
+    if t in _openers:
+        return _openers[t]
 
-        def factory() -> Any:
-            client = cls(event_hooks={"request": [hf_request_event_hook]},
-                         follow_redirects=True)
-            client.policy = policy
-            return client
+    def timed(base: type) -> Any:
+        class Timed(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                self.sock.settimeout(t.read)        # connected: from now on, the read timeout
+        return Timed
 
-        set_client_factory(factory)
-        _installed = policy
+    def origin(url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        return parts.scheme, parts.netloc
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(timed(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(timed(http.client.HTTPSConnection), req, context=_tls())
+
+    class Redirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                             newurl: str) -> Any:
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and origin(new.full_url) != origin(req.full_url):
+                new.remove_header("Authorization")
+            return new
+
+    _openers[t] = urllib.request.build_opener(Http, Https, Redirect)
+    return _openers[t]
+
+
+@functools.lru_cache(maxsize=1)
+def _tls() -> Any:
+    """The TLS context, made on the first https request (loading the CAs takes ~30 ms)."""
+    import os
+    import ssl
+    cafile = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    if not cafile:
+        import certifi
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile)

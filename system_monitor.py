@@ -17,12 +17,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import psutil
-import requests
 
 from utils import DiskSpaceError, HFDError, format_size
+
+if TYPE_CHECKING:        # psutil and requests are imported where used: ~0.15 s at start-up
+    import requests
 
 # Under the tool's "hfdl" logger, so its lines reach logs/download.log like the rest.
 log = logging.getLogger("hfdl.system_monitor")
@@ -52,11 +53,25 @@ def _existing_ancestor(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _mount_points() -> list[str]:
+    """The mount table's mount points: /proc/self/mounts where there is one (what psutil
+    reads too, without importing it at start-up), else psutil."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        import psutil
+        return [m.mountpoint for m in psutil.disk_partitions(all=True)]
+    # the fields escape space, tab, newline and backslash as octal: \040 \011 \012 \134
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+            for line in lines if len(line.split()) > 1]
+
+
 def _mount_point(path: Path, device: int) -> str:
     """Longest mount-table prefix on the same device; else walk up until st_dev changes."""
     real = os.path.realpath(path)
-    candidates = [m.mountpoint for m in psutil.disk_partitions(all=True)
-                  if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")]
+    candidates = [m for m in _mount_points()
+                  if real == m or real.startswith(m.rstrip("/") + "/")]
     for mount in sorted(candidates, key=len, reverse=True):
         try:
             # Only ancestors of `path` are stat'ed: a dead network mount elsewhere cannot hang us.
@@ -147,6 +162,7 @@ def mask_proxy(proxy: str) -> str:
 
 
 def _proxy_for(url: str) -> str | None:
+    import requests
     proxies = requests.utils.get_environ_proxies(url)   # honors HTTP(S)_PROXY and NO_PROXY
     proxy = requests.utils.select_proxy(url, proxies)
     return mask_proxy(proxy) if proxy else None
@@ -158,6 +174,7 @@ _NET_REASONS = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "con
 
 def _request_reason(exc: requests.RequestException, timeout: float) -> str:
     """A short human reason for a failed request."""
+    import requests
     if isinstance(exc, requests.Timeout):
         return f"timed out after {timeout:g}s"
     prefix = "proxy: " if isinstance(exc, requests.exceptions.ProxyError) else ""
@@ -185,6 +202,7 @@ def check_endpoint(url: str, timeout: float = 5.0, *, hub_answer: bool = False) 
     With `hub_answer`, the answer must also be a Hub API's: a JSON body (`GET /api/models?limit=1`
     gives a list on the Hub, an error object on a mirror that wants a token); a web server
     answering HTML is "not a Hugging Face Hub endpoint"."""
+    import requests
     probe = url.rstrip("/") + "/api/models?limit=1"
     proxy = _proxy_for(probe)
     start = time.monotonic()
@@ -268,6 +286,7 @@ class Resources:
 
 def resources() -> Resources:
     """CPUs this process may use, load average, and memory."""
+    import psutil
     try:
         cpus = len(os.sched_getaffinity(0))   # respects taskset/cgroup cpusets, unlike cpu_count
     except AttributeError:

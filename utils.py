@@ -136,8 +136,12 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 1) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # dumps, not dump: only dumps uses the C encoder (4-5x faster on a 100k-file status);
+        # no indent means no spaces either (the per-file files are read by programs)
+        text = json.dumps(data, indent=indent, ensure_ascii=False,
+                          separators=(",", ":") if indent is None else None)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, ensure_ascii=False)
+            f.write(text)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -357,10 +361,10 @@ class Partial:
     def __init__(self, root: Path, relpath: str, expected_hash: str) -> None:
         self.root, self.relpath = Path(root), relpath
         suffix = f".{expected_hash[:10]}.incomplete"
-        head, _, name = relpath.rpartition("/")
-        if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
+        self.rel = self.rel_name(relpath, expected_hash)
+        name = relpath.rpartition("/")[2]
+        if len(name.encode()) > 200:
             name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
-        self.rel = posixpath.join(SIDE_FOLDER, "partial", head, name + suffix)
         # where versions before .hfdl/ kept it: beside the final name
         final = safe_join(self.root, relpath)
         self.old_path = final.with_name(f"{name}{suffix}")
@@ -385,6 +389,35 @@ class Partial:
 
     def __repr__(self) -> str:
         return f"Partial({str(self.path)!r})"
+
+    @staticmethod
+    def rel_name(relpath: str, expected_hash: str) -> str:
+        """The partial's path inside the target folder."""
+        head, _, name = relpath.rpartition("/")
+        if len(name.encode()) > 200:          # keep within NAME_MAX (255) with the suffixes
+            name = "." + hashlib.sha1(name.encode()).hexdigest()[:16]
+        return posixpath.join(SIDE_FOLDER, "partial", head, f"{name}.{expected_hash[:10]}.incomplete")
+
+    @classmethod
+    def bytes_of(cls, root: Path, files: Iterable[tuple[str, str]]) -> dict[str, int]:
+        """bytes_on_disk() of many (relpath, expected_hash) at one stat each, without building
+        a Partial per file (100k of them cost seconds); nothing at all when no partial folder
+        exists. Only stats: the names were validated when the listing was read."""
+        if cache_repo_of(Path(root)) is not None:     # a hub cache snapshot: blobs/<etag>...
+            return {path: n for path, digest in files
+                    if (n := cls(root, path, digest).bytes_on_disk())}
+        base = os.path.join(root, SIDE_FOLDER, "partial")
+        if not os.path.isdir(base):
+            return {}
+        found = {}
+        for relpath, expected_hash in files:
+            try:
+                st = os.stat(os.path.join(root, cls.rel_name(relpath, expected_hash)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if min(st.st_size, st.st_blocks * 512):
+                found[relpath] = min(st.st_size, st.st_blocks * 512)
+        return found
 
     def files(self) -> tuple[Path, Path, Path]:
         """The partial and its side files (any of them may be absent)."""

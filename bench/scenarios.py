@@ -398,7 +398,7 @@ def huge_listing(b: Bench) -> list[Row]:
         rows.append(_step(b, d, f"resume task_001, finished ({k})", ["resume", "task_001"], "completed"))
         rows[-1].target("resume of a finished task < 5 s", rows[-1].wall, 5, "s", at_most=True)
     peak_row = max(rows, key=lambda r: r.peak_mb)
-    peak_row.target("peak memory < 300 MB (all huge-listing steps)", peak_row.peak_mb, 300, "MB", at_most=True)
+    peak_row.target("peak memory < 150 MB (all huge-listing steps)", peak_row.peak_mb, 150, "MB", at_most=True)
     create_rows[-1].target("creation time linear in N (<= 1.25 x the line through the smaller N)",
                            _linearity(create_rows), 1.25, "x", at_most=True)
     return rows
@@ -451,21 +451,49 @@ def startup(b: Bench) -> list[Row]:
     times = max(5, b.repeat)
     with b.run_dir() as d:
         _make_tasks(d / "metadata", 50)
+        common = ("--metadata-dir", str(d / "metadata"), "--logs-dir", str(d / "logs"))
         cases = [("python main.py --help", tool_argv("--help"), "download"),
                  ("hf --help (peer)", [hf_executable(), "--help"], "download"),
-                 ("python main.py list-tasks (50 tasks)",
-                  tool_argv("list-tasks", "--metadata-dir", str(d / "metadata"), "--logs-dir", str(d / "logs")),
-                  "task_050")]
+                 ("python main.py list-tasks (50 tasks)", tool_argv("list-tasks", *common),
+                  "task_050"),
+                 ("python main.py status task_050 (50 tasks)",
+                  tool_argv("status", "task_050", *common), "task_050")]
         for label, argv, expect in cases:
             b.measure(argv, d)                       # warm the .pyc and page caches
             row = Row("startup", Client("peer" if "peer" in label else "step", label=label))
             row.runs = [_checked(b.measure(argv, d), expect) for _ in range(times)]
             rows.append(row)
-    help_row, peer_row, list_row = rows
+    rows.append(_first_byte(b, times))
+    help_row, peer_row, list_row, status_row, first_row = rows
     help_row.peer_wall = peer_row.wall
-    help_row.target("--help < 0.3 s", help_row.wall, 0.3, "s", at_most=True)
+    help_row.target("--help < 0.15 s", help_row.wall, 0.15, "s", at_most=True)
     list_row.target("list-tasks with 50 tasks < 0.3 s", list_row.wall, 0.3, "s", at_most=True)
+    status_row.target("status < 0.15 s", status_row.wall, 0.15, "s", at_most=True)
+    first_row.target("first file request < 0.3 s", first_row.wall, 0.3, "s", at_most=True)
     return rows
+
+
+def _first_byte(b: Bench, times: int) -> Row:
+    """`download` of a 13-file repo with no flags: spawn to the first file request."""
+    repo = "bench/thirteen"
+    b.hub.add_repo(repo, {f"file-{i:02d}.json": b"{}" * (100 + i) for i in range(13)})
+    row = Row("startup", Client("step", label="download, 13 files: to the first file request"))
+    row.note = "wall = spawn to the first file request (resolve, list, task files, preflight)"
+    for i in range(times + 1):                   # the first run warms the caches
+        with b.run_dir() as d:                   # measure() resets the hub's request log
+            m = b.measure(tool_argv("download", repo, "--local-dir", str(d / "out"),
+                                    "--metadata-dir", str(d / "metadata"),
+                                    "--logs-dir", str(d / "logs")), d)
+        first = next((r.time for r in b.hub.requests
+                      if r.kind in ("resolve", "resolve-cache", "cdn")), None)
+        at = None if first is None else round(first - m.started, 4)
+        if i:
+            problem = None if at is not None and m.code == 0 else \
+                f"no file request or exit {m.code}: {tail(m.log, 3)}"
+            row.runs.append({**record(m), "ok": problem is None, "error": problem,
+                             "process_wall": round(m.wall, 4),
+                             "wall": at if at is not None else m.wall})
+    return row
 
 
 def _checked(m: Measured, expect: str) -> dict[str, Any]:

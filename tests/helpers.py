@@ -99,6 +99,20 @@ def clean_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- files and their bytes
 
+def file_states(task_folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file's status entry of a task, read as the tool reads file_status.json (the file
+    itself holds only what differs from the defaults)."""
+    from file_tracker import FileTracker
+    return dict(FileTracker.load(task_folder, task_folder.name).status)
+
+
+def file_rows(task_folder: Path) -> list[dict[str, Any]]:
+    """file_list.json's rows as dicts (the file holds them as lists under "columns")."""
+    import json
+    data = json.loads((task_folder / "file_list.json").read_text())
+    return [dict(zip(data["columns"], row)) for row in data["files"]]
+
+
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

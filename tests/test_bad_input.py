@@ -108,9 +108,11 @@ def test_non_utf8_local_dir(cli, hub, tmp_path):
 # ================================================================ metadata files of wrong types
 
 WRONG = {
-    "attempts": ("file_status.json", lambda d: d["files"]["a.txt"].update(attempts="x")),
-    "actual_size": ("file_status.json", lambda d: d["files"]["a.txt"].update(actual_size="x")),
-    "file size": ("file_list.json", lambda d: d["files"][0].update(expected_size="x")),
+    "attempts": ("file_status.json", lambda d: d["files"].setdefault("a.txt", {}).update(attempts="x")),
+    "actual_size": ("file_status.json",
+                    lambda d: d["files"].setdefault("a.txt", {}).update(actual_size="x")),
+    "file size": ("file_list.json", lambda d: d["files"][0].__setitem__(1, "x")),
+    "completed runs": ("file_status.json", lambda d: d.update(completed=[[0, "x"]])),
     "list schema": ("file_list.json", lambda d: d.update(schema_version="2")),
     "status schema": ("file_status.json", lambda d: d.update(schema_version="2")),
 }

@@ -257,3 +257,20 @@ def test_a_broken_compact_plan_is_one_error_line(cli, hub):
         (line,) = error_lines(r)
         assert str(path) in line and "not a valid batch plan" in line, line
         assert "hint: run plan-batch again" in r.err
+
+
+def test_a_plan_of_a_20k_file_repo_costs_little_metadata(cli, hub):
+    """Issue 12: a plan of a 20k-file repo took 18 MB of metadata (a URL and a full status
+    entry per file); the task folder and the registry now stay under 4 MB all told."""
+    files = {f"data/{split}/part-{i:05d}-of-10000.{ext}": b"%d" % i
+             for split, ext in (("train", "parquet"), ("test", "jsonl")) for i in range(10_000)}
+    hub.add_repo("org/wide", files, repo_type="dataset", lfs=lambda p, size: p.endswith(".parquet"))
+    r = cli("plan-batch", "org/wide", "--dataset", "--available-space", "20K")
+    assert r.code == 0, r.text
+    folder = cli.metadata / "tasks" / "task_001"
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    total = sum(sizes.values()) + (cli.metadata / "datasets.json").stat().st_size
+    assert total < 4_000_000, sizes
+    assert sizes["file_status.json"] < 2_000, sizes          # nothing started: no per-file entry
+    r = cli("batch-status", "task_001", "--json")
+    assert r.code == 0 and json.loads(r.out)["batches"][0]["state"] == "pending", r.text

@@ -103,6 +103,30 @@ def test_the_tree_is_listed_at_the_resolved_commit(hub: FakeHub) -> None:
     assert new.commit != first and "new.txt" in {f.path for f in new.files}
 
 
+def test_the_listing_follows_the_link_pages_with_the_token(hub: FakeHub) -> None:
+    """Listed straight over HTTP (hub_http): every page of the Link chain, in order, each
+    with the token; a folder entry is not a file."""
+    hub.tree_page_size = 7
+    files = {f"d{i % 3}/f{i:02d}.txt": b"%d" % i for i in range(40)}
+    hub.add_repo("org/private", files, private=True)
+    hub.add_token(TOKEN, access={"org/private"})
+    hub.reset_log()
+    listing = dm.list_files("org/private", "model", "main", hub.url, TOKEN)
+    assert sorted(f.path for f in listing.files) == sorted(files)
+    assert len({f.path for f in listing.files}) == 40
+    pages = hub.records(path_contains="/tree/")
+    assert len(pages) > 40 // 7 and all(r.status == 200 for r in pages)
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in pages)
+
+
+def test_a_tree_page_that_is_not_a_listing_is_an_unexpected_answer(
+        stub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Stub, "status", 200)
+    monkeypatch.setattr(_Stub, "body", b'{"sha": "' + b"a" * 40 + b'", "error": null}')
+    err = hub_error(stub)
+    assert type(err) is HubError and str(err).startswith(f"unexpected answer from {stub}")
+
+
 def test_a_dataset_listing(hub: FakeHub) -> None:
     sha = hub.add_repo("org/ds", {"data/train.csv": b"a,b\n1,2\n"}, repo_type="dataset")
     listing = dm.list_files("org/ds", "dataset", "main", hub.url, None)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import Content, content_bytes, content_sha256
-from tests.helpers import ROOT, TOOLS, assert_same_tree, error_lines, tree_files
+from tests.helpers import (ROOT, TOOLS, assert_same_tree, error_lines, file_rows, file_states,
+                           tree_files)
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 
@@ -47,16 +48,14 @@ def test_download_model_each_tool(cli, hub, tool):
     task = tasks["tasks"]["task_001"]
     assert task["status"] == "completed" and task["commit"] == commit
     folder = cli.metadata / "tasks" / "task_001"
-    status = json.loads((folder / "file_status.json").read_text())
-    listing = json.loads((folder / "file_list.json").read_text())
+    status = file_states(folder)
     assert json.loads((folder / "task_metadata.json").read_text())["id"] == "task_001"
-    entry = status["files"]["model.safetensors"]
+    entry = status["model.safetensors"]
     assert entry["status"] == "completed" and entry["actual_size"] == 3_000_000
     assert entry["attempts"] == 1 and entry["completed_at"] and entry["created_at"]
     assert entry["error"] is None and entry["expected_hash"] == content_sha256(files["model.safetensors"])
-    item = next(e for e in listing["files"] if e["filename"] == "model.safetensors")
-    assert item["url"].endswith(f"/gpt2/resolve/{commit}/model.safetensors")
-    assert item["expected_size"] == 3_000_000 and item["sha256"] and item["lfs"] is True
+    item = next(e for e in file_rows(folder) if e["filename"] == "model.safetensors")
+    assert item["expected_size"] == 3_000_000 and item["sha256"]
     datasets = json.loads((cli.metadata / "datasets.json").read_text())
     assert "model:gpt2" in datasets["datasets"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,56 @@ def test_create_writes_both_files_and_load_reads_them_back(tmp_path: Path,
                                                            tracker: FileTracker) -> None:
     folder = tmp_path / "task"
     listed = json.loads((folder / "file_list.json").read_text())
-    assert [e["filename"] for e in listed["files"]] == list(CONTENT)
-    assert listed["files"][0]["url"] == f"{ENDPOINT}/org/repo/resolve/{'c1' * 20}/a.bin"
-    assert json.loads((folder / "file_status.json").read_text())["counts"]["pending"] == 3
+    assert listed["columns"] == ["filename", "expected_size", "blob_id", "sha256"]
+    assert [row[0] for row in listed["files"]] == list(CONTENT)
+    assert listed["files"][0] == ["a.bin", 3000, FILES[0].blob_id, FILES[0].sha256]   # no URL
+    saved = json.loads((folder / "file_status.json").read_text())
+    assert saved["counts"]["pending"] == 3 and saved["files"] == {} and saved["completed"] == []
     again = FileTracker.load(folder, "task_001")
     assert again.files == FILES and again.meta["commit"] == "c1" * 20
     assert again.status == tracker.status
+
+
+OLD = Path(__file__).parent / "fixtures" / "old_format_task"    # written by the code of 2255643
+
+
+def test_a_task_saved_in_the_old_format_loads_and_resumes(tmp_path: Path) -> None:
+    """A task made before the compact files (a dict and a URL per file, a full status per
+    file) loads with its states, counts and details, and is saved compact afterwards."""
+    folder = tmp_path / "task"
+    shutil.copytree(OLD, folder)
+    old_status = json.loads((OLD / "file_status.json").read_text())["files"]
+    tracker = FileTracker.load(folder, "task_007")
+    assert [f.path for f in tracker.files] == ["a.bin", "sub/b.txt", "sub/deep/c.bin", "d.txt"]
+    assert tracker.meta == {"repo_id": "org/repo", "repo_type": "model", "commit": "c1" * 20}
+    assert tracker.counts == {"pending": 1, "downloading": 0, "completed": 2, "failed": 1}
+    assert tracker.summary()["bytes_done"] == 3001
+    for path, entry in old_status.items():      # the same entries (started_at: only while running)
+        expected = {k: v for k, v in entry.items() if not (k == "started_at" and
+                                                            entry["status"] == "completed")}
+        assert tracker.status[path] == expected, path
+    assert tracker.paths_in(FileState.PENDING, FileState.FAILED) == ["sub/b.txt", "sub/deep/c.bin"]
+    tracker.reset("sub/b.txt")
+    tracker.save()
+    tracker.write_list(ENDPOINT)
+    again = FileTracker.load(folder, "task_007")
+    assert again.status == tracker.status and again.files == tracker.files
+    saved = json.loads((folder / "file_status.json").read_text())
+    assert saved["completed"] == [[0, 1], [3, 1]] and set(saved["files"]) == {"sub/b.txt", "d.txt"}
+    assert saved["files"]["d.txt"] == {"attempts": 2, "last_attempt_at": old_status["d.txt"]["last_attempt_at"]}
+
+
+def test_status_runs_saved_for_another_listing_are_not_applied(tmp_path: Path,
+                                                               tracker: FileTracker) -> None:
+    """A crash between writing file_list.json and file_status.json: the completed runs index
+    another list, so they are ignored (the run re-adopts complete files after checking them)."""
+    tracker.complete("a.bin", 3000)
+    tracker.save()
+    status_file = tmp_path / "task" / "file_status.json"
+    data = json.loads(status_file.read_text())
+    data["list_check"] = "2:00000000"
+    status_file.write_text(json.dumps(data))
+    assert FileTracker.load(tmp_path / "task", "task_001").counts["completed"] == 0
 
 
 def test_a_corrupt_status_file_says_how_to_rebuild(tmp_path: Path, tracker: FileTracker) -> None:
@@ -69,7 +114,7 @@ def test_a_hand_edited_list_with_a_bad_name_is_refused(tmp_path: Path,
                                                        tracker: FileTracker) -> None:
     path = tmp_path / "task" / "file_list.json"
     data = json.loads(path.read_text())
-    data["files"][0]["filename"] = "../escape.bin"
+    data["files"][0][0] = "../escape.bin"
     path.write_text(json.dumps(data))
     with pytest.raises(MetadataError):
         FileTracker.load(tmp_path / "task", "task_001")
@@ -263,3 +308,29 @@ def test_task_state_and_file_state_do_not_import_each_other() -> None:
     import task_manager
     assert "task_manager" not in imported_modules(ft)
     assert "file_tracker" not in imported_modules(task_manager)
+
+
+def test_a_crash_while_a_sync_rewrites_the_list_loses_no_state(tmp_path: Path,
+                                                               tracker: FileTracker) -> None:
+    """sync writes the states keyed by path before the new file_list.json: stopped after it,
+    before the compact save, the new list loads with every state (index runs saved for the
+    old list would not apply to it)."""
+    tracker.complete("a.bin", 3000)
+    tracker.complete("sub/b.txt", 8)
+    tracker.save()
+    newer = listing([remote("new.txt", b"new"), *FILES], commit="c2" * 20)
+    save, calls = tracker.save, []
+
+    def crash_on_the_compact_save(*, by_path: bool = False) -> None:
+        calls.append(by_path)
+        if not by_path:
+            raise OSError("power cut")
+        save(by_path=by_path)
+    tracker.save = crash_on_the_compact_save       # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        tracker.sync(newer, ENDPOINT)
+    assert calls == [True, False]
+    again = FileTracker.load(tmp_path / "task", "task_001")      # the new list, saved states
+    assert again.meta["commit"] == "c2" * 20 and again.files[0].path == "new.txt"
+    assert again.paths_in(FileState.COMPLETED) == ["a.bin", "sub/b.txt"]
+    assert again.status["a.bin"]["completed_at"] == tracker.status["a.bin"]["completed_at"]

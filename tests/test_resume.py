@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import Content
-from tests.helpers import TOOLS, assert_same_tree, size_of, tool_processes, tree_files, wait_for
+from tests.helpers import (TOOLS, assert_same_tree, file_states, size_of, tool_processes, tree_files,
+                           wait_for)
 
 TOTAL_FILES = {
     "a.bin": Content(2_400_000, 31),
@@ -166,11 +167,11 @@ def test_fault_mix_ends_with_every_file_correct(cli, hub, tool):
     r = cli("download", "flaky", "--tool", tool, "-j", "4", "-x", "1", "--stall-timeout", "2")
     assert r.code == 0, r.text
     assert_same_tree(cli.downloads / "flaky", files)
-    status = json.loads((cli.metadata / "tasks" / "task_001" / "file_status.json").read_text())
+    status = file_states(cli.metadata / "tasks" / "task_001")
     for name in ("f0.bin", "f1.bin", "f3.bin", "f4.bin", "f7.bin"):
-        assert status["files"][name]["attempts"] >= 2, (name, status["files"][name])
-    assert status["files"]["f2.bin"]["attempts"] >= 3
-    assert status["files"]["plain.txt"]["attempts"] == 1
+        assert status[name]["attempts"] >= 2, (name, status[name])
+    assert status["f2.bin"]["attempts"] >= 3
+    assert status["plain.txt"]["attempts"] == 1
     # the corrupt file was caught by its hash: a retried attempt, in the log (on stderr with -v)
     assert "mismatch" in (cli.root / "logs" / "download.log").read_text()
 
@@ -194,8 +195,7 @@ def test_failed_files_give_status_3_and_resume_fixes_them(cli, hub):
     r = cli("download", "broken", "--tool", "python", "--retries", "2")
     assert r.code == 3, r.text
     assert "1 of 2 files failed" in r.out and "bad.bin" in r.out
-    status = json.loads((cli.metadata / "tasks" / "task_001" / "file_status.json").read_text())
-    entry = status["files"]["bad.bin"]
+    entry = file_states(cli.metadata / "tasks" / "task_001")["bad.bin"]
     assert entry["status"] == "failed" and entry["attempts"] == 3 and "500" in entry["error"]
     assert entry["last_attempt_at"]
     assert json.loads(cli("status", "task_001", "--json").out)["status"] == "failed"
@@ -275,7 +275,7 @@ def test_clean_and_fix_progress(cli, hub):
     # a complete file left by a crash becomes completed after a check
     status_path = cli.metadata / "tasks" / "task_001" / "file_status.json"
     data = json.loads(status_path.read_text())
-    data["files"]["b.bin"]["status"] = "downloading"
+    data["files"].setdefault("b.bin", {})["status"] = "downloading"
     status_path.write_text(json.dumps(data))
     r = cli("fix-progress", "task_001")
     assert "1 now completed" in r.out
@@ -346,5 +346,34 @@ def test_files_found_on_disk_are_recorded(cli, hub):
     r = cli("download", "here", "--local-dir", str(cli.root / "copy"))
     assert r.code == 0, r.text
     assert hub.count(path_contains="/resolve/") == 0
-    status = json.loads((cli.metadata / "tasks" / "task_002" / "file_status.json").read_text())
-    assert {e["status"] for e in status["files"].values()} == {"completed"}
+    status = file_states(cli.metadata / "tasks" / "task_002")
+    assert {e["status"] for e in status.values()} == {"completed"}
+
+
+OLD_TASK = Path(__file__).parent / "fixtures" / "old_format_task"    # written by 2255643's code
+
+
+def test_a_task_from_before_the_compact_files_resumes(cli, hub):
+    """file_list.json (a dict and a URL per file) and file_status.json (a full entry per file)
+    as the version before the compact format wrote them: resume fetches only the files they
+    record as not done, and saves the states compact (file_list.json is rewritten only when
+    the listing changes: the old form stays readable)."""
+    files = {"a.bin": b"a" * 3000, "sub/b.txt": b"hello b\n", "sub/deep/c.bin": b"c" * 500,
+             "d.txt": b"d"}
+    sha = hub.add_repo("org/repo", files, lfs=lambda path, size: path.endswith(".bin"))
+    assert cli("download", "org/repo", "--tool", "python").code == 0
+    folder = cli.metadata / "tasks" / "task_001"
+    for name in ("file_list.json", "file_status.json"):      # a.bin, d.txt: done; the rest not
+        text = (OLD_TASK / name).read_text().replace("c1" * 20, sha)    # this hub's commit
+        (folder / name).write_text(text)
+    for name in ("sub/b.txt", "sub/deep/c.bin"):
+        (cli.downloads / "org--repo" / name).unlink()
+    hub.reset_log()
+    r = cli("resume", "task_001", "--tool", "python")
+    assert r.code == 0, r.text
+    assert_same_tree(cli.downloads / "org--repo", files)
+    assert {p: hub.file_downloads(p) for p in files} == \
+        {"a.bin": 0, "sub/b.txt": 1, "sub/deep/c.bin": 1, "d.txt": 0}
+    saved = json.loads((folder / "file_status.json").read_text())
+    assert saved["completed"] == [[0, 4]] and saved["counts"]["completed"] == 4
+    assert file_states(folder)["d.txt"]["attempts"] == 2          # its details were kept

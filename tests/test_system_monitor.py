@@ -425,3 +425,10 @@ def test_endpoint_check_wants_a_hub_answer_not_any_web_server(tmp_path: Path) ->
         assert c.ok and c.hub is True
     with http_server(status=401) as private:                      # a JSON refusal is a Hub too
         assert sm.check_endpoint(private, hub_answer=True).ok
+
+
+def test_the_mount_table_read_without_psutil_is_psutils() -> None:
+    """/proc/self/mounts read directly (psutil is not imported at start-up), with the octal
+    escapes of names with spaces decoded as psutil does."""
+    import psutil
+    assert sm._mount_points() == [m.mountpoint for m in psutil.disk_partitions(all=True)]

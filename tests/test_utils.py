@@ -11,7 +11,7 @@ import pytest
 import utils
 from tests.helpers import ROOT
 from utils import (SCHEMA_VERSION, DiskSpaceError, ExitStatus, HFDError, HubError, MetadataError,
-                   TaskLockedError, ToolError, UsageError, format_duration, format_size,
+                   Partial, TaskLockedError, ToolError, UsageError, format_duration, format_size,
                    git_blob_hasher, glob_match, hash_file, new_hasher, parse_size, path_selected,
                    read_json, repo_folder_name, safe_join, safe_relpath, write_json_atomic)
 
@@ -71,8 +71,9 @@ def test_write_json_atomic_leaves_only_the_file(tmp_path: Path) -> None:
 
 
 def test_write_json_atomic_compact(tmp_path: Path) -> None:
+    """No indent: no spaces either (the per-file metadata of 100k files is read by programs)."""
     write_json_atomic(tmp_path / "p.json", {"a": [1, 2]}, indent=None)
-    assert (tmp_path / "p.json").read_text() == '{"a": [1, 2]}\n'
+    assert (tmp_path / "p.json").read_text() == '{"a":[1,2]}\n'
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
@@ -274,3 +275,17 @@ def test_exclusive_file_excludes_takes_over_a_stale_lock_and_times_out(tmp_path:
             with utils.exclusive_file(lock, wait=0.3):
                 pass
     assert not lock.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_partial_bytes_of_many_files_matches_each_partial(tmp_path: Path) -> None:
+    files = [("a.bin", "ab" * 32), ("sub/b.bin", "cd" * 32), ("c.bin", "ef" * 32)]
+    assert Partial.bytes_of(tmp_path, files) == {}              # no partial folder: no stat
+    for (path, digest), data in zip(files, (b"x" * 5000, b"", None)):
+        if data is not None:
+            partial = Partial(tmp_path, path, digest)
+            partial.prepare()
+            with partial.open("wb") as fh:
+                fh.write(data)
+    assert Partial.bytes_of(tmp_path, files) == \
+        {"a.bin": Partial(tmp_path, "a.bin", "ab" * 32).bytes_on_disk()}
+    assert Partial.bytes_of(tmp_path, files)["a.bin"] == 5000
