@@ -305,10 +305,10 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     run = _run_settings(args, cfg, task)
     opts = run.opts
 
-    def announce(commit: str) -> None:
+    def announce(commit: str, sizes: list[int]) -> None:
         say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
                         f"{commit[:12]} -> {task.local_dir}")
-        say(args.quiet, tool_line(downloader.choose_tool(opts.tool), opts, endpoint))
+        say(args.quiet, tool_line(downloader.choose_tool(opts.tool), opts, endpoint, sizes))
 
     outcome = downloader.resume_task(
         store, task.id, endpoint=endpoint,

@@ -355,15 +355,16 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
 def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | None,
                 opts: Options, reserve: int, log: logging.Logger, stream: TextIO,
                 quiet: bool = False,
-                on_start: Callable[[str], None] | None = None) -> DownloadOutcome:
+                on_start: Callable[[str, list[int]], None] | None = None) -> DownloadOutcome:
     """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
 
-    `on_start` gets the pinned commit once the lock is held, before any preflight."""
+    `on_start` gets the pinned commit and the file sizes once the lock is held, before any
+    preflight."""
     with store.lock(task_id), log_as(task_id):
         task = store.get(task_id)
         tracker = FileTracker.load(store.folder(task_id), task_id)
         if on_start is not None:
-            on_start(tracker.meta["commit"])
+            on_start(tracker.meta["commit"], [f.size for f in tracker.files])
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)
     return DownloadOutcome(store.get(task_id), result, resumed=True)
