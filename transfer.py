@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import logging
 import os
 import re
 import threading
@@ -421,6 +422,9 @@ class PythonBackend:
         saver_stop.set()
         saver.join()
         self._save_parts(job, pieces)
+        logging.getLogger("hfdl.transfer").debug(
+            "%s: %d connections at most, %d ranges", job.file.path, growth.wanted,
+            len(pieces.parts))
         if errors:
             raise errors[0]
         report(pieces.done())
