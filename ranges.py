@@ -82,33 +82,32 @@ class Pieces:
 
 
 class Growth:
-    """How many connections a file should use: from `start`, `step` more each time the total
-    throughput over the last `interval` grew by `gain` since the previous addition, up to `most`."""
+    """How many connections a file should use: from `start`, doubled each time the total
+    throughput over the last `interval` grew by `gain` since the previous doubling, up to
+    `most`; once a doubling does not pay, no more. On a link capped per connection a doubling
+    nearly doubles the throughput; on one that is not (or a CPU that is full) it adds nothing."""
 
-    def __init__(self, start: int, most: int, step: int = 4, interval: float = 0.5,
-                 gain: float = 1.12) -> None:
+    def __init__(self, start: int, most: int, interval: float = 0.25, gain: float = 1.3) -> None:
         self.wanted = max(1, start)
         self.most = max(self.wanted, most)
-        self.step, self.interval, self.gain = step, interval, gain
+        self.interval, self.gain = interval, gain
         self._mark: tuple[float, int] | None = None
-        self._before: float | None = None       # bytes/s before the last addition
+        self._before: float | None = None       # bytes/s before the last doubling
 
     def tick(self, done: int, now: float | None = None) -> int:
         """Called with the bytes done so far; returns the connection count wanted now."""
         now = time.monotonic() if now is None else now
-        if self._mark is None or done == 0:
+        if self._mark is None or done == 0:    # measured from the first byte on
             self._mark = (now, done)
             return self.wanted
         since, then = self._mark
-        if now - since < self.interval:
+        if now - since < self.interval or self.wanted >= self.most:
             return self.wanted
         rate = (done - then) / (now - since)
         self._mark = (now, done)
-        if self.wanted >= self.most:
-            return self.wanted
         if self._before is None or rate >= self._before * self.gain:
             self._before = rate
-            self.wanted = min(self.most, self.wanted + self.step)
+            self.wanted = min(self.most, 2 * self.wanted)
         else:
             self.most = self.wanted               # it stopped paying: no more additions
         return self.wanted

@@ -27,12 +27,14 @@ def test_nothing_is_split_below_the_minimum_and_released_ranges_are_taken_first(
     assert pieces.worth_more() and pieces.take() is part
 
 
-def test_connections_grow_while_throughput_grows_and_stop_when_it_does_not() -> None:
-    g = Growth(16, 32, step=4, interval=0.5)
-    assert g.tick(1, now=0.0) == 16
-    assert g.tick(160, now=0.5) == 20          # first rate measured: try more
-    assert g.tick(360, now=1.0) == 24          # +25%: more again
-    assert g.tick(560, now=1.5) == 24          # no gain: stays, and never grows again
-    assert g.tick(1060, now=2.0) == 24
+def test_connections_double_while_throughput_grows_and_stop_when_it_does_not() -> None:
+    g = Growth(8, 32, interval=0.25)
+    assert g.tick(0, now=0.0) == 8 and g.tick(1, now=0.1) == 8     # measured from the first byte
+    assert g.tick(100, now=0.35) == 16         # first rate measured: try twice as many
+    assert g.tick(300, now=0.6) == 32          # twice the rate: double again, up to the most
+    capped = Growth(8, 64, interval=0.25)
+    assert [capped.tick(n, now=t) for n, t in ((1, 0.0), (101, 0.25), (301, 0.5))] == [8, 16, 32]
+    assert capped.tick(401, now=0.75) == 32    # twice the connections, half again: it stops
+    assert capped.tick(1401, now=1.0) == 32
     fixed = Growth(8, 8)
     assert [fixed.tick(n, now=t) for n, t in ((1, 0.0), (100, 1.0), (300, 2.0))] == [8, 8, 8]
