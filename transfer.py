@@ -398,6 +398,10 @@ class PythonBackend:
                         self._fetch_range(job, pieces, part, lambda: report(pieces.done()), stop)
                     except FetchError as exc:
                         errors.append(exc)
+                    except OSError as exc:     # opening the partial: a full disk stops the run
+                        errors.append(write_error(exc))
+                    except Exception as exc:   # else its range would be taken again and again
+                        errors.append(FetchError(f"{type(exc).__name__}: {exc}"))
                     finally:
                         pieces.release(part)
             finally:
@@ -428,6 +432,7 @@ class PythonBackend:
         if errors:
             raise errors[0]
         report(pieces.done())
+
     def _load_parts(self, job: Job) -> list[list[int]]:
         """[start, end(inclusive), next offset] per part, from the part map if it matches."""
         f, path = job.file, job.partial.part_map
