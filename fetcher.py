@@ -68,7 +68,7 @@ class RunResult:
 
 SMALL_FILE = 4 << 20         # below this a file is mostly waiting for its first byte
 RANGED_FROM = 16 << 20       # auto: files from this size up are fetched over several connections
-CONNECTION_BUDGET = 64       # auto: connections the big files being fetched at once may grow to
+CONNECTION_BUDGET = 64       # auto: connections the big files being fetched at once start with
 MOST_PER_FILE = 32           # auto: a file's connections grow to this while throughput grows
 
 
@@ -82,14 +82,15 @@ def auto_jobs(sizes: list[int]) -> int:
 
 def auto_connections(size: int, big_at_once: int) -> tuple[int, int]:
     """(connections to start with, most it may grow to) for a file when -x is not given: one
-    for a small file; for a big one 8, doubled while the throughput still grows (one 1 GiB file
-    at 20 MB/s per connection: -x 8 9-11 s, -x 16 4.8 s; on an uncapped loopback 16 per file
-    cost a third more CPU than one), sharing a budget of 64 with the other big files."""
+    for a small file; 16 for a big one (one 1 GiB file at 20 MB/s per connection: -x 8 9-11 s,
+    -x 16 4.8 s; starting at 8 and doubling lost the ramp: 10.9 s against -x 16's 8.7 s in one
+    loaded run), fewer when several big files share a budget of 64, doubled while the file's
+    throughput still grows."""
     if size < RANGED_FROM:
         return 1, 0
     share = CONNECTION_BUDGET // max(1, big_at_once)
-    start = max(2, min(8, share, size // (4 << 20)))
-    return start, max(start, min(MOST_PER_FILE, 4 * start, share))
+    start = max(2, min(16, share, size // (4 << 20)))
+    return start, max(start, min(MOST_PER_FILE, 2 * start))
 
 
 def resolved(opts: Options, sizes: list[int]) -> Options:
@@ -99,7 +100,7 @@ def resolved(opts: Options, sizes: list[int]) -> Options:
 
 
 def settings_text(tool: str, opts: Options, sizes: list[int] | None) -> str:
-    """-x and -j as the run uses them, for the header: "-x 8 (auto, up to 32) -j 8 (auto)"."""
+    """-x and -j as the run uses them, for the header: "-x 16 (auto, up to 32) -j 8 (auto)"."""
     if opts.connections:
         x = f"-x {opts.connections}"
     elif sizes is None:

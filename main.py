@@ -189,7 +189,7 @@ def _tool_args(p: argparse.ArgumentParser) -> None:
                    help="download tool (env HFDL_TOOL; default auto: the python transport, "
                         "the fastest measured)")
     p.add_argument("-x", "--connections", type=_positive_int, metavar="N",
-                   help="connections per file (default auto: 1 for small files; 8 for a big "
+                   help="connections per file (default auto: 1 for small files; 16 for a big "
                         "one, doubled while its throughput grows, up to 32)")
     p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
                    help="files at once (default auto: 32 for repos of mostly small files, else 8)")

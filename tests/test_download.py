@@ -346,7 +346,7 @@ def test_no_flags_picks_per_repo_and_file_and_says_so_once(cli, hub):
     hub.reset_log()
     r = cli("download", "big")
     assert r.code == 0, r.text
-    assert "tool: python (auto), -x 6 (auto, up to 24) -j 8 (auto)" in r.err, r.err
+    assert "tool: python (auto), -x 6 (auto, up to 12) -j 8 (auto)" in r.err, r.err
     assert_same_tree(cli.downloads / "big", big)
     ranges = [q.range for q in hub.requests if q.range and "model" in q.path]
     assert len(ranges) >= 6, ranges
