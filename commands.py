@@ -229,14 +229,14 @@ def _announce(quiet: bool, listing: Any, local_dir: Path, tool: str, opts: Any,
               endpoint: str) -> None:
     say(quiet, f"{listing.repo_type} {listing.repo_id} @ {listing.commit[:12]}: "
                f"{len(listing.files)} files, {format_size(listing.total_size)} -> {local_dir}")
-    say(quiet, tool_line(tool, opts, endpoint))
+    say(quiet, tool_line(tool, opts, endpoint, [f.size for f in listing.files]))
 
 
-def tool_line(tool: str, opts: Any, endpoint: str) -> str:
-    """The tool and its settings; wget uses one connection per file, so no -x for it."""
-    connections = "" if tool == "wget" else f"-x {opts.connections} "
+def tool_line(tool: str, opts: Any, endpoint: str, sizes: list[int] | None = None) -> str:
+    """The tool and its settings, as chosen for these file sizes when not given (auto)."""
+    from fetcher import settings_text
     return (f"tool: {tool}" + (" (auto)" if opts.tool == "auto" else "") +
-            f", {connections}-j {opts.jobs}, endpoint {endpoint}")
+            f", {settings_text(tool, opts, sizes)}, endpoint {endpoint}")
 
 
 def cmd_add_dataset(args: Namespace, cfg: config.Config) -> int:
@@ -315,10 +315,10 @@ def cmd_resume(args: Namespace, cfg: config.Config) -> int:
     run = _run_settings(args, cfg, task)
     opts = run.opts
 
-    def announce(commit: str) -> None:
+    def announce(commit: str, sizes: list[int]) -> None:
         say(args.quiet, f"resuming {task.id}: {task.repo_type} {task.repo_id} @ "
                         f"{commit[:12]} -> {task.local_dir}")
-        say(args.quiet, tool_line(downloader.choose_tool(opts.tool), opts, endpoint))
+        say(args.quiet, tool_line(downloader.choose_tool(opts.tool), opts, endpoint, sizes))
 
     outcome = downloader.resume_task(
         store, task.id, endpoint=endpoint,

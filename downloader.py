@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 import hf_cache
 from fetcher import (Options, RunResult, Stopper, _save_or_pause,  # noqa: F401 (re-exported)
-                     run_downloads)
+                     run_downloads, settings_text)
 from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt_finished,
                           forget_missing, prune_removed)
 from progress import live_path
@@ -159,9 +159,9 @@ def _run_task(store: TaskStore, task: Task, tracker: FileTracker, *, endpoint: s
     stopper = Stopper()
     store.update(task.id, status=TaskState.RUNNING, reason="", tool=tool, pid=os.getpid(),
                  endpoint=endpoint, **tracker.summary())
-    log.info("%s %s@%s, %d files to fetch with %s (-x %d -j %d)",
+    log.info("%s %s@%s, %d files to fetch with %s (%s)",
              task.repo_type, task.repo_id, tracker.meta["commit"], len(work.todo), tool,
-             opts.connections, opts.jobs)
+             settings_text(tool, opts, [tracker.by_path[p].size for p in work.todo]))
 
     def on_low(usage: system_monitor.DiskUsage) -> None:
         stopper.stop(StopReason.DISK_FULL, f"{format_size(usage.free)} free, "
@@ -365,15 +365,16 @@ def download_repo(store: TaskStore, req: DownloadRequest, listing: Listing, *, e
 def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | None,
                 opts: Options, reserve: int, log: logging.Logger, stream: TextIO,
                 quiet: bool = False,
-                on_start: Callable[[str], None] | None = None) -> DownloadOutcome:
+                on_start: Callable[[str, list[int]], None] | None = None) -> DownloadOutcome:
     """`resume TASK`: take the task's lock, load its files and run the unfinished ones.
 
-    `on_start` gets the pinned commit once the lock is held, before any preflight."""
+    `on_start` gets the pinned commit and the file sizes once the lock is held, before any
+    preflight."""
     with store.lock(task_id), log_as(task_id):
         task = store.get(task_id)
         tracker = FileTracker.load(store.folder(task_id), task_id)
         if on_start is not None:
-            on_start(tracker.meta["commit"])
+            on_start(tracker.meta["commit"], [f.size for f in tracker.files])
         result = run_task(store, task, tracker, endpoint=endpoint, token=token, opts=opts,
                           reserve=reserve, log=log, stream=stream, quiet=quiet)
     return DownloadOutcome(store.get(task_id), result, resumed=True)
@@ -381,7 +382,8 @@ def resume_task(store: TaskStore, task_id: str, *, endpoint: str, token: str | N
 
 # Defaults of the run flags that have no setting in config (tool and reserve have: HFDL_TOOL,
 # HFDL_DISK_RESERVE). argparse leaves them None, so a task can tell a flag given from a default.
-RUN_DEFAULTS: dict[str, Any] = {"connections": 8, "jobs": 8, "retries": 5, "stall_timeout": 60.0}
+# connections and jobs 0: chosen by the run (fetcher.auto_connections, fetcher.auto_jobs).
+RUN_DEFAULTS: dict[str, Any] = {"connections": 0, "jobs": 0, "retries": 5, "stall_timeout": 60.0}
 # The flags a task remembers (Task.options), in the order they are shown.
 RUN_FLAGS = ("tool", "connections", "jobs", "retries", "stall_timeout", "reserve")
 _TOOLS = ("auto", "aria2c", "wget", "python")

@@ -67,6 +67,7 @@ class FileTracker:
         self.min_interval = 1.0
         self.clock: Callable[[], float] = time.monotonic     # a parameter, so tests need no sleep
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()      # one save at a time, in order
         self._dirty = False
         self._last_save = 0.0
         self._recount()
@@ -201,13 +202,20 @@ class FileTracker:
 
     def save(self, *, by_path: bool = False) -> None:
         """file_status.json in the compact form (file_store): defaults are not written."""
-        with self._lock:
+        # The workers' state changes wait only for a copy of the state, not for its encoding
+        # and fsync (3,000 files at -j 32: they waited ~10 ms per change); saves stay in order.
+        with self._save_lock:
             started = self.clock()
-            data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
-                    "commit": self.meta["commit"], "updated_at": now_iso(),
-                    "counts": dict(self.counts), **self.status.to_json(by_path=by_path)}
-            write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
-            self._dirty = False
+            with self._lock:
+                data = {"schema_version": SCHEMA_VERSION, "task_id": self.task_id,
+                        "commit": self.meta["commit"], "updated_at": now_iso(),
+                        "counts": dict(self.counts), **self.status.to_json(by_path=by_path)}
+                self._dirty = False
+            try:
+                write_json_atomic(self.folder / FILE_STATUS, data, indent=None)
+            except BaseException:
+                self._dirty = True
+                raise
             self._last_save = self.clock()
             # A big status file must not eat the run: save at most ~5% of the time.
             self.min_interval = max(1.0, 20 * (self._last_save - started))

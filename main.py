@@ -186,11 +186,13 @@ def _repo_args(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
 
 def _tool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool", choices=("auto", "aria2c", "wget", "python"),
-                   help="download tool (env HFDL_TOOL; default auto: aria2c, else wget, else python)")
+                   help="download tool (env HFDL_TOOL; default auto: the python transport, "
+                        "the fastest measured)")
     p.add_argument("-x", "--connections", type=_positive_int, metavar="N",
-                   help="connections per file (default 8)")
+                   help="connections per file (default auto: 1 for small files; 16 for a big "
+                        "one, doubled while its throughput grows, up to 32)")
     p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
-                   help="files at once (default 8; 16-32 for repos of many small files)")
+                   help="files at once (default auto: 32 for repos of mostly small files, else 8)")
     p.add_argument("--retries", type=_non_negative_int, metavar="N",
                    help="retries per file after the first try (default 5)")
     p.add_argument("--stall-timeout", type=_seconds, metavar="SEC",

@@ -33,6 +33,8 @@ def test_quick_bench_runs_and_checks_bytes(tmp_path: Path) -> None:
         assert all(run["ok"] and run["code"] == 0 for run in row["runs"]), row
         assert row["peak_mb"] > 0
     clients = {r["client"] for r in rows if r["scenario"] == "many-small"}
-    assert {"hf download", "aria2c -x8 -j16", "wget -x1 -j16", "python -x8 -j16"} <= clients
+    assert {"hf download", "default (no flags)", "aria2c -x8 -j16", "wget -x1 -j16",
+            "python -x8 -j16"} <= clients
+    assert rows[0]["client"] == "default (no flags)"      # our default configuration first
     assert all(isinstance(t["pass"], bool) for t in result["targets"])
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout

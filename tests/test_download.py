@@ -326,3 +326,24 @@ def test_progress_bar_on_a_terminal(cli, hub):
     assert "\r" in text and "B/s" in text and "100%" in text, text
     assert "progress:" not in text            # no plain lines on a terminal
     assert "task_001: completed" in text
+
+
+def test_no_flags_picks_per_repo_and_file_and_says_so_once(cli, hub):
+    """auto: the python transport; many small files go 32 at once over one connection each; a
+    big file (16 MiB+) over several ranged connections whose ranges an idle one splits."""
+    small = {f"d/f{i:02d}.json": b"x" * (100 + i) for i in range(20)}
+    hub.add_repo("small", small)
+    r = cli("download", "small")
+    assert r.code == 0, r.text
+    assert [ln for ln in r.err.splitlines() if ln.startswith("tool:")] == [
+        f"tool: python (auto), -x 1 (auto) -j 32 (auto), endpoint {hub.url}"], r.err
+    assert_same_tree(cli.downloads / "small", small)
+    big = {"model.safetensors": Content(24 << 20, 5), "config.json": b"{}"}
+    hub.add_repo("big", big)
+    hub.reset_log()
+    r = cli("download", "big")
+    assert r.code == 0, r.text
+    assert "tool: python (auto), -x 6 (auto, up to 12) -j 8 (auto)" in r.err, r.err
+    assert_same_tree(cli.downloads / "big", big)
+    ranges = [q.range for q in hub.requests if q.range and "model" in q.path]
+    assert len(ranges) >= 6, ranges

@@ -4,6 +4,7 @@ after a stop."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -307,3 +308,33 @@ def test_aria2c_takes_another_port_when_its_port_was_taken_meanwhile(
     finally:
         taken.close()
         children.kill_all()
+
+
+def test_python_backend_keeps_its_connections_alive_through_the_cdn_hop(hub, tmp_path: Path) -> None:
+    files = {f"d/f{i}.parquet": _data(1000 + i, i) for i in range(6)}
+    hub.add_repo(REPO, files, lfs=lambda path, size: True)   # each: the hub's 302, then the CDN
+    backend = PythonBackend(10.0)
+    for path in files:
+        job = _job(hub, tmp_path, path)
+        fetcher.finish_file(job, backend.fetch(job, lambda n: None, threading.Event()))
+    pools = backend.sessions.get().adapters["http://"].poolmanager.pools
+    made = {key.key_port: pools[key].num_connections for key in pools.keys()}
+    assert len(made) == 2 and set(made.values()) == {1}, made      # one to the hub, one to the CDN
+    assert {r.kind for r in hub.requests if r.method == "GET"} >= {"resolve", "cdn"}
+
+
+def test_ranged_fetch_splits_the_longest_range_for_an_idle_connection(repo_hub, tmp_path: Path):
+    job = _job(repo_hub, tmp_path, "big.bin", connections=2)
+    size = job.file.size
+    data = FILES["big.bin"]
+    job.partial.path.write_bytes(data[:1000] + bytes(size - 1000))
+    job.partial.part_map.write_text(json.dumps({"size": size, "hash": job.file.expected_hash,
+                                                "parts": [[0, 999, 1000], [1000, size - 1, 1000]]}))
+    backend = PythonBackend(10.0)
+    backend.MIN_SPLIT = 100_000
+    repo_hub.bandwidth_per_conn = 4_000_000        # ~0.75 s for one connection alone
+    assert backend.fetch(job, lambda n: None, threading.Event()) is None
+    assert job.partial.path.read_bytes() == data
+    starts = sorted(int(r.range[6:].split("-")[0]) for r in repo_hub.requests
+                    if r.range and r.status == 206)
+    assert starts[0] == 1000 and len(starts) >= 2 and starts[1] > 1000, starts   # the back half

@@ -1,0 +1,121 @@
+"""The ranges of one file fetched over several connections: who fetches what, and how many.
+
+A file is cut into one range per connection; a connection that finishes takes an untaken range,
+else the back half of the range with the most bytes left (as aria2c's --min-split-size does), so
+no connection idles while another still has a long way to go and the last bytes of the file
+arrive at about the same time on every connection. With an adaptive count, connections are
+added while the total throughput still grows (a link capped per connection) and no more once it
+does not (a link or a CPU that is already full).
+
+Each range is a list [start, end (inclusive), next offset]; the list is shared with the part
+map saved on disk, so a stolen half is a part of its own there too. Pure bookkeeping: no I/O.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+MiB = 1 << 20
+
+
+def left(part: list[int]) -> int:
+    """Bytes of a range not fetched yet."""
+    return max(0, part[1] + 1 - part[2])
+
+
+class Pieces:
+    """The ranges of one file and which of them a connection is fetching now."""
+
+    def __init__(self, parts: list[list[int]], min_split: int = MiB) -> None:
+        self.parts = sorted(parts)
+        self.min_split = min_split          # never leave either half of a split smaller
+        self.lock = threading.Lock()
+        self._busy: set[int] = set()
+
+    def take(self) -> list[int] | None:
+        """A range for an idle connection: an untaken one, else the back half of the range
+        with the most bytes left; None when nothing is worth another request."""
+        with self.lock:
+            for part in self.parts:
+                if id(part) not in self._busy and left(part):
+                    self._busy.add(id(part))
+                    return part
+            victim = max(self.parts, key=left, default=None)
+            if victim is None or left(victim) < 2 * self.min_split:
+                return None
+            mid = victim[2] + left(victim) // 2
+            new = [mid, victim[1], mid]
+            victim[1] = mid - 1
+            self.parts.insert(self.parts.index(victim) + 1, new)
+            self._busy.add(id(new))
+            return new
+
+    def worth_more(self) -> bool:
+        """Whether another connection would get a range (take() would not say None)."""
+        with self.lock:
+            return any(id(p) not in self._busy and left(p) for p in self.parts) or any(
+                left(p) >= 2 * self.min_split for p in self.parts)
+
+    def release(self, part: list[int]) -> None:
+        with self.lock:
+            self._busy.discard(id(part))
+
+    def advance(self, part: list[int], offset: int) -> int:
+        """Record that the range's bytes up to `offset` are written; returns the range's end
+        now (a split may have moved it closer)."""
+        with self.lock:
+            part[2] = min(offset, part[1] + 1)
+            return part[1]
+
+    def end_of(self, part: list[int]) -> int:
+        with self.lock:
+            return part[1]
+
+    def done(self) -> int:
+        """Bytes of the file written so far."""
+        with self.lock:
+            return sum(p[2] - p[0] for p in self.parts)
+
+    def prefix(self) -> int:
+        """Bytes from the file's start that are all written (the ranges are in file order)."""
+        with self.lock:
+            for _start, end, offset in self.parts:
+                if offset <= end:
+                    return offset
+            return self.parts[-1][1] + 1 if self.parts else 0
+
+    def snapshot(self) -> list[list[int]]:
+        with self.lock:
+            return [list(p) for p in self.parts]
+
+
+class Growth:
+    """How many connections a file should use: from `start`, doubled each time the total
+    throughput over the last `interval` grew by `gain` since the previous doubling, up to
+    `most`; once a doubling does not pay, no more. On a link capped per connection a doubling
+    nearly doubles the throughput; on one that is not (or a CPU that is full) it adds nothing."""
+
+    def __init__(self, start: int, most: int, interval: float = 0.25, gain: float = 1.3) -> None:
+        self.wanted = max(1, start)
+        self.most = max(self.wanted, most)
+        self.interval, self.gain = interval, gain
+        self._mark: tuple[float, int] | None = None
+        self._before: float | None = None       # bytes/s before the last doubling
+
+    def tick(self, done: int, now: float | None = None) -> int:
+        """Called with the bytes done so far; returns the connection count wanted now."""
+        now = time.monotonic() if now is None else now
+        if self._mark is None or done == 0:    # measured from the first byte on
+            self._mark = (now, done)
+            return self.wanted
+        since, then = self._mark
+        if now - since < self.interval or self.wanted >= self.most:
+            return self.wanted
+        rate = (done - then) / (now - since)
+        self._mark = (now, done)
+        if self._before is None or rate >= self._before * self.gain:
+            self._before = rate
+            self.wanted = min(self.most, 2 * self.wanted)
+        else:
+            self.most = self.wanted               # it stopped paying: no more additions
+        return self.wanted

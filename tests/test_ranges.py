@@ -1,0 +1,40 @@
+"""ranges.py: work stealing between the connections of one file, and the adaptive count."""
+from __future__ import annotations
+
+from ranges import Growth, Pieces, left
+
+MiB = 1 << 20
+
+
+def test_an_idle_connection_takes_the_back_half_of_the_range_with_most_left() -> None:
+    pieces = Pieces([[0, 10 * MiB - 1, 0], [10 * MiB, 20 * MiB - 1, 10 * MiB]])
+    a, b = pieces.take(), pieces.take()
+    assert (a, b) == ([0, 10 * MiB - 1, 0], [10 * MiB, 20 * MiB - 1, 10 * MiB])
+    assert pieces.advance(a, 8 * MiB) == 10 * MiB - 1           # a has 2 MiB left, b 10
+    c = pieces.take()
+    assert c == [15 * MiB, 20 * MiB - 1, 15 * MiB] and b[1] == 15 * MiB - 1
+    assert pieces.advance(b, 16 * MiB) == 15 * MiB - 1          # past its new end: clipped
+    assert b[2] == 15 * MiB and left(b) == 0
+    assert [p[0] for p in pieces.parts] == [0, 10 * MiB, 15 * MiB]    # in file order
+    assert pieces.done() == 8 * MiB + 5 * MiB
+
+
+def test_nothing_is_split_below_the_minimum_and_released_ranges_are_taken_first() -> None:
+    pieces = Pieces([[0, 3 * MiB - 1, 0]], min_split=2 * MiB)
+    part = pieces.take()
+    assert part is not None and pieces.take() is None and not pieces.worth_more()
+    pieces.release(part)                       # its connection failed: another takes the rest
+    assert pieces.worth_more() and pieces.take() is part
+
+
+def test_connections_double_while_throughput_grows_and_stop_when_it_does_not() -> None:
+    g = Growth(8, 32, interval=0.25)
+    assert g.tick(0, now=0.0) == 8 and g.tick(1, now=0.1) == 8     # measured from the first byte
+    assert g.tick(100, now=0.35) == 16         # first rate measured: try twice as many
+    assert g.tick(300, now=0.6) == 32          # twice the rate: double again, up to the most
+    capped = Growth(8, 64, interval=0.25)
+    assert [capped.tick(n, now=t) for n, t in ((1, 0.0), (101, 0.25), (301, 0.5))] == [8, 16, 32]
+    assert capped.tick(401, now=0.75) == 32    # twice the connections, half again: it stops
+    assert capped.tick(1401, now=1.0) == 32
+    fixed = Growth(8, 8)
+    assert [fixed.tick(n, now=t) for n, t in ((1, 0.0), (100, 1.0), (300, 2.0))] == [8, 8, 8]
