@@ -462,9 +462,9 @@ class PythonBackend:
         step = max(1, -(-f.size // max(1, count)))
         parts = [[s, min(f.size, s + step) - 1, s] for s in range(0, f.size, step)]
         if job.partial.path.exists() and not path.exists():   # a sequential partial: keep its head
-            have = min(os.path.getsize(job.partial.path), parts[0][1] + 1) if parts else 0
-            if parts:
-                parts[0][2] = have
+            have = os.path.getsize(job.partial.path)
+            for p in parts:                                    # in every range it covers
+                p[2] = max(p[0], min(have, p[1] + 1))
         return parts
 
     def _fetch_range(self, job: Job, pieces: Pieces, part: list[int], report: Callable[[], None],

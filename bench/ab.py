@@ -5,6 +5,7 @@ download the same repos with the same flags, every run's files are checked again
 sha256, and the median wall time of each is printed with the ratio B/A.
 
     python -m bench.ab /path/to/old-checkout . --rounds 3 --scenario big small
+    python -m bench.ab /path/to/old-checkout . --scenario defaults     # no tuning flags
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def main() -> int:
     p.add_argument("b", help="checkout B (e.g. after it)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scenario", nargs="+", default=["big", "small"],
-                   choices=["big", "small", "uncapped"])
+                   choices=["big", "small", "uncapped", "defaults"])
     args = p.parse_args()
     trees = {"A": args.a, "B": args.b}
     with FakeHub() as hub, tempfile.TemporaryDirectory(prefix="hfdl-ab-") as work:
@@ -85,6 +86,13 @@ def main() -> int:
             four = {f"s-{i}.safetensors": Content(512 * MiB, seed=11 + i) for i in range(4)}
             scenario(hub, work, trees, args.rounds, "2 GiB in four, uncapped", four, None, 0.0,
                      ["--tool", "python", "-x", "1", "-j", "4"])
+        if "defaults" in args.scenario:         # what a user gets: no tuning flag at all
+            one = {"model.safetensors": Content(1 << 30, seed=1)}
+            scenario(hub, work, trees, args.rounds, "one 1 GiB, 20 MB/s/conn, no flags", one,
+                     20 * MB, 0.05, [])
+            four = {f"s-{i}.safetensors": Content(512 * MiB, seed=11 + i) for i in range(4)}
+            scenario(hub, work, trees, args.rounds, "2 GiB in four, uncapped, no flags", four,
+                     None, 0.0, [])
     return 0
 
 

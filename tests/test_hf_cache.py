@@ -530,8 +530,9 @@ def test_resume_continues_from_bytes_a_killed_hf_hub_download_left(cli: Cli, hub
     r = cli("download", "org/model", "--hf-cache", str(cache), "--tool", "python")
     assert r.code == 0, r.text
     ranges = [rec.range for rec in hub.records("GET") if rec.file == "a.safetensors"]
-    assert set(ranges) == {f"bytes={DOWNLOAD_CHUNK_SIZE}-"}, ranges      # redirect, then CDN
-    assert hub.file_downloads("a.safetensors") == 1
+    # not a byte of huggingface_hub's head again (one range or several, as -x chooses)
+    starts = [int(r.split("=")[1].split("-")[0]) for r in ranges]
+    assert ranges and min(starts) == DOWNLOAD_CHUNK_SIZE, ranges
     assert_whole(cache, commit, files)
 
 
