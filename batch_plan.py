@@ -249,7 +249,15 @@ def _expand(data: dict[str, Any], folder: Path, source: Path) -> dict[str, Any]:
 
 def read_plan_file(path: str) -> Plan:
     from utils import read_json
-    data = read_json(Path(path))
+    try:
+        data = read_json(Path(path))
+    except MetadataError as exc:        # a file the user named: not the tool's own metadata
+        if not Path(path).exists():
+            raise UsageError(f"plan file {path} not found",
+                             hint="give the file 'plan-batch --output' wrote") from None
+        raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output' "
+                         f"({str(exc).split(' is ', 1)[-1]})",
+                         hint="write it again with 'plan-batch --output'") from None
     if data.get("kind") != PLAN_KIND or not isinstance(data.get("batches"), list):
         raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output'")
     return Plan.from_json(data, path, hint="write it again with 'plan-batch --output'")

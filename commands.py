@@ -145,6 +145,7 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     import dataset_manager as dm
     import downloader
     repo = repo_choice(args, cfg)
+    cache = cache_root(args, cfg)              # two targets named: said before any request
     if not args.dry_run:
         dm.load_registry(cfg.metadata_dir)     # a corrupt datasets.json fails before any download
     endpoint = endpoint_for(cfg)
@@ -158,7 +159,6 @@ def cmd_download(args: Namespace, cfg: config.Config) -> int:
     report_refused(listing)
     _require_files(listing, repo)
     local_dir = target_dir(args.local_dir, cfg.downloads_dir, repo.repo_id)
-    cache = cache_root(args, cfg)
     if cache is not None:
         local_dir = snapshot_folder(cache, repo.repo_id, repo.repo_type, listing.commit)
     if args.dry_run:

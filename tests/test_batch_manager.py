@@ -101,8 +101,10 @@ def test_a_missing_field_or_corrupt_plan_file_is_an_error(tmp_path: Path) -> Non
         bm.read_plan_file(str(path))
     assert "plan-batch --output" in err.value.hint
     path.write_text("{broken")
-    with pytest.raises(MetadataError):
+    with pytest.raises(UsageError, match="not a batch plan.*corrupt"):
         bm.read_plan_file(str(path))
+    with pytest.raises(UsageError, match="plan file .* not found"):
+        bm.read_plan_file(str(path.with_name("absent.json")))
     path.write_text(json.dumps({**STORED, "kind": "other"}))
     with pytest.raises(UsageError, match="not a batch plan"):
         bm.read_plan_file(str(path))

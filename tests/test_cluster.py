@@ -183,6 +183,13 @@ def test_run_batch_sh_and_the_new_flags_refuse_bad_input_in_one_line(cli, hub, t
     assert r.code == 0, r.text
     r = cli("verify", "--plan", str(tmp_path / "p.json"), "--local-dir", str(tmp_path / "no"))
     assert r.code == 1 and "is not a folder" in error_lines(r)[0]
+    for cmd in (["verify", "--plan", str(tmp_path / "absent.json"), "--local-dir", str(tmp_path)],
+                ["batch-continue", str(tmp_path / "absent.json"), "1"]):
+        r = cli(*cmd)                 # the user's file: no "metadata" wording, no fix-progress hint
+        assert r.code == 2 and "plan file" in error_lines(r)[0] and "fix-progress" not in r.err
+    hub.reset_log()
+    r = cli("download", "org/m", "--hf-cache", str(tmp_path / "c"), "--local-dir", str(tmp_path / "d"))
+    assert r.code == 2 and "two targets" in error_lines(r)[0] and hub.count() == 0
 
 
 def test_the_guide_runs_by_hand_exactly_what_run_batch_sh_runs():
