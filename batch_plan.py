@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from batch_planner import Batch, batch_capacity, plan_batches, plan_workers
 from task_manager import TaskStore
-from utils import SCHEMA_VERSION, MetadataError, UsageError
+from utils import SCHEMA_VERSION, HFDError, MetadataError, UsageError
 
 if TYPE_CHECKING:
     from dataset_manager import Listing, RemoteFile
@@ -252,12 +252,12 @@ def read_plan_file(path: str) -> Plan:
     try:
         data = read_json(Path(path))
     except MetadataError as exc:        # a file the user named: not the tool's own metadata
-        if not Path(path).exists():
-            raise UsageError(f"plan file {path} not found",
-                             hint="give the file 'plan-batch --output' wrote") from None
-        raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output' "
-                         f"({str(exc).split(' is ', 1)[-1]})",
-                         hint="write it again with 'plan-batch --output'") from None
+        if not Path(path).exists():     # (exit 1, as before: the statuses are stable)
+            raise HFDError(f"plan file {path} not found",
+                           hint="give the file 'plan-batch --output' wrote") from None
+        raise HFDError(f"{path} is not a batch plan written by 'plan-batch --output' "
+                       f"({str(exc).split(' is ', 1)[-1]})",
+                       hint="write it again with 'plan-batch --output'") from None
     if data.get("kind") != PLAN_KIND or not isinstance(data.get("batches"), list):
         raise UsageError(f"{path} is not a batch plan written by 'plan-batch --output'")
     return Plan.from_json(data, path, hint="write it again with 'plan-batch --output'")

@@ -12,7 +12,7 @@ import batch_manager as bm
 from batch_planner import Batch
 from dataset_manager import Listing, RemoteFile
 from task_manager import TaskStore
-from utils import MetadataError, UsageError
+from utils import HFDError, MetadataError, UsageError
 
 FILES = [RemoteFile("a.bin", 600, "1" * 40, "a" * 64), RemoteFile("b/c.txt", 300, "2" * 40),
          RemoteFile("d.bin", 0, "3" * 40)]
@@ -101,9 +101,9 @@ def test_a_missing_field_or_corrupt_plan_file_is_an_error(tmp_path: Path) -> Non
         bm.read_plan_file(str(path))
     assert "plan-batch --output" in err.value.hint
     path.write_text("{broken")
-    with pytest.raises(UsageError, match="not a batch plan.*corrupt"):
+    with pytest.raises(HFDError, match="not a batch plan.*corrupt"):
         bm.read_plan_file(str(path))
-    with pytest.raises(UsageError, match="plan file .* not found"):
+    with pytest.raises(HFDError, match="plan file .* not found"):
         bm.read_plan_file(str(path.with_name("absent.json")))
     path.write_text(json.dumps({**STORED, "kind": "other"}))
     with pytest.raises(UsageError, match="not a batch plan"):

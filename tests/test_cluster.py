@@ -186,7 +186,7 @@ def test_run_batch_sh_and_the_new_flags_refuse_bad_input_in_one_line(cli, hub, t
     for cmd in (["verify", "--plan", str(tmp_path / "absent.json"), "--local-dir", str(tmp_path)],
                 ["batch-continue", str(tmp_path / "absent.json"), "1"]):
         r = cli(*cmd)                 # the user's file: no "metadata" wording, no fix-progress hint
-        assert r.code == 2 and "plan file" in error_lines(r)[0] and "fix-progress" not in r.err
+        assert r.code == 1 and "plan file" in error_lines(r)[0] and "fix-progress" not in r.err
     hub.reset_log()
     r = cli("download", "org/m", "--hf-cache", str(tmp_path / "c"), "--local-dir", str(tmp_path / "d"))
     assert r.code == 2 and "two targets" in error_lines(r)[0] and hub.count() == 0
