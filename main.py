@@ -335,7 +335,8 @@ def build_parser() -> Parser:
         p.add_argument("--local-dir", type=_folder, help="target folder (default: DOWNLOADS_DIR/ORG--NAME)")
         _cache_args(p)
 
-    p = add("plan-batch", "split a repo into batches that each fit on one disk; save the plan")
+    p = add("plan-batch", "split a repo into batches, one per disk (--available-space) or per "
+                          "worker (--workers); save the plan")
     _repo_args(p)
     batch_plan_args(p, disk_required=False)
     p.add_argument("--workers", type=_positive_int, metavar="N",
