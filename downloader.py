@@ -22,7 +22,8 @@ from file_tracker import (FileState, FileTracker, PruneReport, SyncReport, adopt
 from progress import live_path
 from task_manager import StopReason, Task, TaskState, TaskStore, log_as
 from tools import choose_tool
-from utils import Partial, format_size, safe_join
+from partial import Partial
+from utils import format_size, safe_join
 
 if TYPE_CHECKING:
     from config import Config

@@ -29,7 +29,8 @@ from task_manager import StopReason, TaskState
 from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
                       PythonBackend)
-from utils import Partial, UnsafePathError, format_size, printable, safe_target
+from partial import Partial
+from utils import UnsafePathError, format_size, printable, safe_target
 
 
 @dataclass(frozen=True)

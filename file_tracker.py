@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 from dataset_manager import Listing, RemoteFile
 from file_store import (CODES, COMPLETED, STATES, FilesByPath, StatusTable, list_json,
                         load_status, read_list_entries)
-from utils import (SCHEMA_VERSION, MetadataError, Partial, UnsafePathError,
-                   hash_file, now_iso, read_json, safe_join, safe_relpath, safe_target,
-                   write_json_atomic)
+from partial import Partial
+from utils import (SCHEMA_VERSION, MetadataError, UnsafePathError, hash_file, now_iso, read_json,
+                   safe_join, safe_relpath, safe_target, write_json_atomic)
 
 
 class FileState(str, enum.Enum):

@@ -2,7 +2,7 @@
 refs live, and turning the files of a finished download into blobs with relative symlinks.
 
 A cache-mode task downloads into `<cache>/models--ORG--NAME/snapshots/<commit>/`. Its partials
-live where huggingface_hub keeps its own (`blobs/<etag>.incomplete`, see utils.Partial), written
+live where huggingface_hub keeps its own (`blobs/<etag>.incomplete`, see partial.Partial), written
 under huggingface_hub's blob lock; a checked file becomes `blobs/<etag>` (sha256 for LFS files,
 the git blob sha1 for the others) and the snapshot gets a relative symlink to it. The names come
 from huggingface_hub's own helpers, so the layout follows the library that transformers,
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from dataset_manager import RemoteFile
-from utils import CACHE_REPO_PREFIXES, Partial, UnsafePathError, cache_repo_of, safe_join, safe_target
+from partial import Partial
+from utils import CACHE_REPO_PREFIXES, UnsafePathError, cache_repo_of, safe_join, safe_target
 
 REPO_PREFIXES = CACHE_REPO_PREFIXES
 

@@ -22,8 +22,8 @@ from dataset_manager import RemoteFile
 from hub_http import retry_after_header as retry_after_seconds  # files read it as the API does
 from ranges import Growth, Pieces
 from stream_hash import PrefixHasher
-from utils import (HFDError, Partial, hash_file, new_hasher, read_json, strip_query,
-                   write_json_atomic)
+from partial import Partial
+from utils import HFDError, hash_file, new_hasher, read_json, strip_query, write_json_atomic
 
 if TYPE_CHECKING:
     import hashlib

@@ -27,7 +27,7 @@ from progress import Progress
 from task_manager import StopReason, TaskStore
 from tools import Aria2Backend, ChildSet
 from transfer import Backend, FailureKind, FetchError, Job, Report
-from utils import Partial
+from partial import Partial
 
 ENDPOINT = "http://127.0.0.1:1"          # never contacted: the backends are scripted
 GOOD = b"the right bytes\n" * 64

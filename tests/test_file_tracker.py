@@ -12,7 +12,8 @@ import pytest
 import file_tracker as ft
 from dataset_manager import Listing, RemoteFile
 from file_tracker import FileState, FileTracker
-from utils import MetadataError, Partial
+from partial import Partial
+from utils import MetadataError
 
 ENDPOINT = "http://127.0.0.1:1"
 

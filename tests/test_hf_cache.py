@@ -454,7 +454,7 @@ def assert_whole(cache: Path, commit: str, files: dict[str, Any]) -> None:
 def test_partial_names_are_huggingface_hubs(tmp_path: Path) -> None:
     from huggingface_hub.file_download import repo_folder_name
 
-    from utils import Partial
+    from partial import Partial
     folder = tmp_path / repo_folder_name(repo_id="org/model", repo_type="model")
     snapshot = folder / "snapshots" / ("c" * 40)
     partial = Partial(snapshot, "sub/model.safetensors", "e" * 64)

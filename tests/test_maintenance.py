@@ -11,7 +11,8 @@ import maintenance
 from dataset_manager import Listing, RemoteFile
 from file_tracker import FileTracker
 from task_manager import Task, TaskStore
-from utils import Partial, TaskLockedError
+from partial import Partial
+from utils import TaskLockedError
 
 ENDPOINT = "http://127.0.0.1:1"
 CONTENT = {"a.bin": b"a" * 3000, "sub/b.txt": b"hello b\n", "sub/deep/c.bin": b"c" * 500}

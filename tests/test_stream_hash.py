@@ -18,7 +18,7 @@ from stream_hash import PrefixHasher, aria2_done_prefix
 from tests.fakehub import Content
 from tests.helpers import wait_for
 from transfer import Backend, FetchError, Job, PythonBackend
-from utils import Partial
+from partial import Partial
 
 REPO = "org/streamed"
 SIZE = 12 << 20          # three 4 MiB hashing steps: enough to hash some while downloading

@@ -19,7 +19,7 @@ from dataset_manager import RemoteFile, file_url
 from transfer import (FailureKind, FetchError, Job, PythonBackend, http_error,
                       retry_after_seconds)
 from tests.helpers import tool_processes
-from utils import Partial
+from partial import Partial
 
 # ================================================================ failures and actions
 

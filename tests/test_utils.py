@@ -10,8 +10,9 @@ import pytest
 
 import utils
 from tests.helpers import ROOT
+from partial import Partial
 from utils import (SCHEMA_VERSION, DiskSpaceError, ExitStatus, HFDError, HubError, MetadataError,
-                   Partial, TaskLockedError, ToolError, UsageError, format_duration, format_size,
+                   TaskLockedError, ToolError, UsageError, format_duration, format_size,
                    git_blob_hasher, glob_match, hash_file, new_hasher, parse_size, path_selected,
                    read_json, repo_folder_name, safe_join, safe_relpath, write_json_atomic)
 
