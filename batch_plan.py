@@ -215,7 +215,7 @@ def _ranges(indexes: list[int]) -> list[list[int]]:
 def _expand(data: dict[str, Any], folder: Path, source: Path) -> dict[str, Any]:
     """A compact batch_plan.json as the full form: the listing read from the task's
     file_list.json, and each batch's paths from its ranges."""
-    from file_tracker import read_file_list
+    from file_store import read_file_list
     files = read_file_list(folder)
     try:
         if data.get("file_count") != len(files):

@@ -24,6 +24,8 @@ from typing import Any
 from dataset_manager import RemoteFile
 from utils import MetadataError, now_iso, read_json, safe_relpath
 
+FILE_LIST = "file_list.json"       # the task's files, written when the listing changes
+
 STATES = ("pending", "downloading", "completed", "failed")      # codes 0..3, in this order
 PENDING, DOWNLOADING, COMPLETED, FAILED = range(4)
 CODES = {name: code for code, name in enumerate(STATES)}
@@ -272,3 +274,43 @@ def read_list_entries(entries: list[Any]) -> list[RemoteFile]:
             raise TypeError(f"bad hashes for {path!r}")
         files.append(RemoteFile(safe_relpath(path), _whole(size), blob_id, sha256))
     return files
+
+
+# ---------------------------------------------------------------- file_list.json
+
+def read_file_list(folder: Path) -> list[RemoteFile]:
+    """The files of a task's file_list.json, in their order (a batch plan indexes into it)."""
+    return read_list(folder)[0]
+
+
+def read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
+    """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
+    path = folder / FILE_LIST
+    try:
+        listing = read_json(path)
+    except MetadataError as exc:
+        raise MetadataError(str(exc), hint=_LIST_HINT) from None
+    entries = listing.get("files")
+    if not isinstance(entries, list):
+        raise MetadataError(f"metadata file {path} has no 'files' list", hint=_LIST_HINT)
+    try:
+        files = read_list_entries(entries)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
+                            hint=_LIST_HINT) from None
+    meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
+    if listing.get("removed"):
+        try:
+            meta["removed"] = [{"filename": safe_relpath(e["filename"]),
+                                "expected_size": _whole(e["expected_size"]),
+                                "blob_id": e["blob_id"], "sha256": e.get("sha256")}
+                               for e in listing["removed"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MetadataError(f"metadata file {path} has a bad 'removed' entry ({exc})",
+                                hint=_LIST_HINT) from None
+    return files, meta
+
+
+_LIST_HINT = ("this file holds the Hub's listing and cannot be rebuilt: remove the task with "
+              "'python main.py clean --all TASK' and download again (the files on disk are "
+              "checked, not fetched again)")

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dataset_manager import Listing, RemoteFile
-from file_store import (CODES, COMPLETED, STATES, FilesByPath, StatusTable, list_json,
-                        load_status, read_list_entries)
+from file_store import (CODES, COMPLETED, FILE_LIST, STATES, FilesByPath, StatusTable,
+                        list_json, load_status, read_list)
 from partial import Partial
-from utils import (SCHEMA_VERSION, MetadataError, UnsafePathError, hash_file, now_iso, read_json,
-                   safe_join, safe_relpath, safe_target, write_json_atomic)
+from utils import (SCHEMA_VERSION, MetadataError, UnsafePathError, hash_file, now_iso, safe_join,
+                   safe_target, write_json_atomic)
 
 
 class FileState(str, enum.Enum):
@@ -51,7 +51,6 @@ class CheckResult:
     digest: str | None = None     # the content hash found (hash mismatch only)
 
 
-FILE_LIST = "file_list.json"       # the task's files, written when the listing changes
 FILE_STATUS = "file_status.json"   # their states, saved coalesced
 
 
@@ -90,7 +89,7 @@ class FileTracker:
 
     @classmethod
     def load(cls, folder: Path, task_id: str) -> "FileTracker":
-        files, meta = _read_list(Path(folder))
+        files, meta = read_list(Path(folder))
         return cls(folder, task_id, cls._load_status(Path(folder), files), meta)
 
     @staticmethod
@@ -105,7 +104,7 @@ class FileTracker:
     @classmethod
     def rebuild(cls, folder: Path, task_id: str) -> "FileTracker":
         """A fresh status for every file (fix-progress reconciles it with the disk next)."""
-        files, meta = _read_list(Path(folder))
+        files, meta = read_list(Path(folder))
         return cls(folder, task_id, StatusTable(files, now_iso()), meta)
 
     def write_list(self, endpoint: str) -> None:
@@ -272,50 +271,6 @@ class FileTracker:
         old_versions = {p: old[p].expected_hash for p in changed + removed}
         return SyncReport(added, changed, removed, len(listing.files) - len(added) - len(changed),
                           old_versions)
-
-
-def read_file_list(folder: Path) -> list[RemoteFile]:
-    """The files of a task's file_list.json, in their order (a batch plan indexes into it)."""
-    return _read_list(folder)[0]
-
-
-def _read_list(folder: Path) -> tuple[list[RemoteFile], dict[str, Any]]:
-    """file_list.json: the task's files (names checked again: the file may be hand-edited)."""
-    path = folder / FILE_LIST
-    try:
-        listing = read_json(path)
-    except MetadataError as exc:
-        raise MetadataError(str(exc), hint=_LIST_HINT) from None
-    entries = listing.get("files")
-    if not isinstance(entries, list):
-        raise MetadataError(f"metadata file {path} has no 'files' list", hint=_LIST_HINT)
-    try:
-        files = read_list_entries(entries)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MetadataError(f"metadata file {path} has a bad entry ({exc})",
-                            hint=_LIST_HINT) from None
-    meta = {k: listing.get(k) for k in ("repo_id", "repo_type", "commit")}
-    if listing.get("removed"):
-        try:
-            meta["removed"] = [{"filename": safe_relpath(e["filename"]),
-                                "expected_size": _whole(e["expected_size"]),
-                                "blob_id": e["blob_id"], "sha256": e.get("sha256")}
-                               for e in listing["removed"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MetadataError(f"metadata file {path} has a bad 'removed' entry ({exc})",
-                                hint=_LIST_HINT) from None
-    return files, meta
-
-
-_LIST_HINT = ("this file holds the Hub's listing and cannot be rebuilt: remove the task with "
-              "'python main.py clean --all TASK' and download again (the files on disk are "
-              "checked, not fetched again)")
-
-
-def _whole(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"expected a whole number of bytes, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------- the disk, the truth
