@@ -26,8 +26,9 @@ from file_tracker import FileState, FileTracker, check_file
 from hub_http import capped_wait
 from progress import LivePublisher, Progress
 from task_manager import StopReason, TaskState
-from tools import Aria2Backend, ChildSet, WgetBackend, tool_link
-from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, HttpSessions, Job,
+from http_pool import Pool
+from tools import Aria2Backend, ChildSet, WgetBackend, link_pool, tool_link
+from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, Job,
                       PythonBackend)
 from partial import Partial
 from utils import UnsafePathError, format_size, printable, safe_target
@@ -207,7 +208,7 @@ class Run:
     log: logging.Logger
     gate: RateGate = field(default_factory=RateGate)
     failures: list[tuple[str, str]] = field(default_factory=list)
-    sessions: HttpSessions = field(default_factory=HttpSessions)
+    links: Pool | None = None      # for tools.tool_link, made on first use
     token_files: int = 0           # files sent to python because they need the token
     big_at_once: int = 1           # auto -x: big files fetched at the same time
 
@@ -224,7 +225,9 @@ class Run:
                              format_size(job.max_single_get), self.tool.name)
             return self.ranged
         with contextlib.suppress(FetchError):    # else the tool's own attempt meets it again
-            job.link = tool_link(self.sessions, job, self.opts.stall_timeout) if job.token else ""
+            if self.links is None:
+                self.links = link_pool(self.opts.stall_timeout)
+            job.link = tool_link(self.links, job) if job.token else ""
             if job.link is None:
                 self.token_files += 1            # for one log line: a lost count is harmless
                 return self.ranged

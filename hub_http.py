@@ -190,7 +190,7 @@ def _opener(t: Timeouts) -> Any:
 
     class Https(urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
-            return self.do_open(timed(http.client.HTTPSConnection), req, context=_tls())
+            return self.do_open(timed(http.client.HTTPSConnection), req, context=tls_context())
 
     class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
@@ -205,7 +205,7 @@ def _opener(t: Timeouts) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _tls() -> Any:
+def tls_context() -> Any:
     """The TLS context, made on the first https request (loading the CAs takes ~30 ms)."""
     import os
     import ssl

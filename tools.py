@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from stream_hash import PrefixHasher, aria2_done_prefix
-from transfer import (USER_AGENT, FailureKind, FetchError, HttpSessions, Job, Report,
+from http_pool import USER_AGENT, Pool
+from transfer import (FailureKind, FetchError, Job, Report,
                       auth_headers, cut_short, http_error, refused, resolve_location,
                       retry_after_seconds, same_origin, short_error, stalled, strip_query)
 from utils import ToolError, UsageError
@@ -211,14 +212,20 @@ def remove_stale_temp() -> int:
 
 # ================================================================ what the tools share
 
-def tool_link(sessions: HttpSessions, job: Job, stall_timeout: float) -> str | None:
+def link_pool(stall_timeout: float) -> Pool:
+    """Connections for the HEAD requests that resolve links and probe Retry-After."""
+    t = min(30, stall_timeout)
+    return Pool(t, t)
+
+
+def tool_link(pool: Pool, job: Job) -> str | None:
     """The link a tool may be given, or None when the file needs the token (the endpoint
     serves it itself): with a token, follow the endpoint's redirects here, with the token,
     to a link on another origin (a signed CDN link), which needs none."""
     if not job.token:
         return job.url
     try:
-        url = resolve_location(sessions.get(), job, timeout=min(30, stall_timeout))
+        url = resolve_location(pool, job)
     except FetchError:
         raise
     except Exception as exc:
@@ -226,23 +233,22 @@ def tool_link(sessions: HttpSessions, job: Job, stall_timeout: float) -> str | N
     return None if same_origin(url, job.endpoint) else url
 
 
-def tool_url(sessions: HttpSessions, job: Job, stall_timeout: float) -> str:
+def tool_url(pool: Pool, job: Job) -> str:
     """The link for this attempt: the one resolved ahead for the first, a fresh one after
     (signed links expire)."""
     url, job.link = job.link, None
-    url = url or tool_link(sessions, job, stall_timeout)
+    url = url or tool_link(pool, job)
     if url is None:       # the endpoint now serves it itself: only the python backend may
         raise FetchError("the file now needs the token; it is left for the next run")
     return url
 
 
-def probe_retry_after(sessions: HttpSessions, job: Job) -> float:
+def probe_retry_after(pool: Pool, job: Job) -> float:
     """The tools do not always show response headers: ask once how long the Hub wants us to
     wait."""
     try:
-        resp = sessions.get().head(job.url, headers=auth_headers(job.url, job),
-                                   allow_redirects=False, timeout=10)
-        return retry_after_seconds(resp.headers) or 5.0
+        with pool.request("HEAD", job.url, auth_headers(job.url, job)) as resp:
+            return retry_after_seconds(resp.headers) or 5.0
     except Exception:
         return 5.0
 
@@ -394,7 +400,7 @@ class Aria2Backend:
         self.children = children
         self.stall_timeout = stall_timeout
         self.jobs = jobs
-        self.sessions = HttpSessions()
+        self.links = link_pool(stall_timeout)
         self._daemon: Aria2Daemon | None = None
         self._daemon_lock = threading.Lock()
 
@@ -418,7 +424,7 @@ class Aria2Backend:
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
         job.partial.check()        # the tool follows symlinks: none may be on the way
-        url = tool_url(self.sessions, job, self.stall_timeout)
+        url = tool_url(self.links, job)
         split = max(1, job.connections)
         options: dict[str, Any] = {
             "dir": str(job.partial.path.parent), "out": job.partial.path.name,
@@ -476,7 +482,7 @@ class Aria2Backend:
         n = int(status.group(1)) if status else None
         if n == 429:
             return FetchError("rate limited (429)", FailureKind.RATE_LIMITED,
-                              retry_after=probe_retry_after(self.sessions, job))
+                              retry_after=probe_retry_after(self.links, job))
         if n == 401:
             return FetchError(f"HTTP {n}: access refused", FailureKind.DENIED)
         if n is not None and n >= 400:
@@ -505,7 +511,7 @@ class WgetBackend:
     def __init__(self, children: ChildSet, *, stall_timeout: float) -> None:
         self.children = children
         self.stall_timeout = stall_timeout
-        self.sessions = HttpSessions()
+        self.links = link_pool(stall_timeout)
 
     def open(self) -> None:
         """Nothing runs between files."""
@@ -515,7 +521,7 @@ class WgetBackend:
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
         job.partial.check()        # the tool follows symlinks: none may be on the way
-        url = tool_url(self.sessions, job, self.stall_timeout)
+        url = tool_url(self.links, job)
         # --no-iri: in a C locale (cron) wget would otherwise re-encode the signed CDN URL.
         # --progress=dot:giga: verbose enough to say why a transfer ended ("Read error at byte
         # ... (Connection reset by peer)"), one line per 32 MiB of progress dots.
@@ -557,7 +563,7 @@ class WgetBackend:
             after = re.findall(r"Retry-After:\s*(\d+)", detail)
             return FetchError("rate limited (429)", FailureKind.RATE_LIMITED,
                               retry_after=float(after[-1]) if after
-                              else probe_retry_after(self.sessions, job))
+                              else probe_retry_after(self.links, job))
         if n == 401:
             return FetchError(f"HTTP {n}: access refused", FailureKind.DENIED)
         if n == 416:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import http.client
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from dataset_manager import RemoteFile
+from http_pool import ConnectTimeout, Pool, Response
 from hub_http import retry_after_header as retry_after_seconds  # files read it as the API does
 from ranges import Growth, Pieces
 from stream_hash import PrefixHasher
@@ -28,9 +30,9 @@ from utils import HFDError, hash_file, new_hasher, read_json, strip_query, write
 if TYPE_CHECKING:
     import hashlib
 
-    import requests
-
-USER_AGENT = "hf-downloader/1.0"
+# what a connection can raise while we wait for a response or its body (a failed write is
+# caught before: write_error)
+NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 Report = Callable[[int], None]      # bytes of the file now in its partial
 
@@ -102,58 +104,15 @@ class Backend(Protocol):
 
 # ================================================================ shared HTTP pieces
 
-class HttpSessions:
-    """One requests session per thread (sessions are not thread-safe), made on first use."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def get(self) -> "requests.Session":
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = _session_class()()
-            s.headers["User-Agent"] = USER_AGENT
-            s.headers["Accept-Encoding"] = "identity"    # byte offsets must be file offsets
-            self._local.session = s
-        return s
-
-
-_SESSION: type | None = None
-
-
-def _session_class() -> type:
-    """requests.Session that reads the proxy and CA settings of the environment once per
-    origin instead of once per request (requests walks all of os.environ for every request:
-    a tenth of the CPU of 3,000 small files). The environment does not change during a run."""
-    global _SESSION
-    if _SESSION is None:
-        import requests
-
-        class Session(requests.Session):
-            def __init__(self) -> None:
-                super().__init__()
-                self._env: dict[tuple[object, ...], dict[str, object]] = {}
-
-            def merge_environment_settings(self, url, proxies, stream, verify,  # type: ignore
-                                           cert):
-                key = (_origin(url or ""), stream, verify, cert,
-                       tuple(sorted((proxies or {}).items())))
-                if key not in self._env:
-                    self._env[key] = super().merge_environment_settings(url, proxies, stream,
-                                                                        verify, cert)
-                return dict(self._env[key])
-
-        _SESSION = Session
-    return _SESSION
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
-    # urllib3's parser, not urlsplit: they disagree on URLs such as http://a\\@b/, and the
-    # origin that counts is the one the HTTP client will connect to.
-    from urllib3.util import parse_url
-    parts = parse_url(url)
-    scheme = (parts.scheme or "").lower()
-    return scheme, (parts.host or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+    # urlsplit: the parser of the HTTP client that will connect (http_pool)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -180,9 +139,8 @@ class Chain:
     def follow(self, location: str) -> str:
         """The next URL; refuses targets with user info or a backslash (parsers disagree on
         where their host is)."""
-        from urllib3.util import parse_url
         target = urljoin(self.url, location)
-        if "\\" in target or parse_url(target).auth or urlsplit(target).username is not None:
+        if "\\" in target or "@" in urlsplit(target).netloc:
             raise FetchError(f"refused a redirect to a suspicious URL ({strip_query(target)})",
                              FailureKind.DENIED)
         self.url = target
@@ -230,21 +188,20 @@ def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
 
 
 def network_error(exc: BaseException, have: int, size: int, stall_timeout: float) -> FetchError:
-    """A requests/urllib3 failure in plain words, not urllib3's exception text."""
-    import requests
-    text = str(exc)
-    if isinstance(exc, requests.ConnectTimeout):
+    """A failure of the connection in plain words, not the socket's exception text."""
+    import socket
+    if isinstance(exc, ConnectTimeout):
         return FetchError(f"no answer from the server in {min(30, stall_timeout):g} s")
-    if isinstance(exc, (requests.Timeout, TimeoutError)) or "timed out" in text:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
         return stalled(stall_timeout)
-    if "Connection refused" in text:
+    if isinstance(exc, ConnectionRefusedError):
         return refused()
-    if "Name or service not known" in text or "NameResolutionError" in text:
+    if isinstance(exc, socket.gaierror):
         return FetchError("cannot resolve the server's name")
     return cut_short(have, size)
 
 
-def resolve_location(session: "requests.Session", job: Job, timeout: float) -> str:
+def resolve_location(pool: Pool, job: Job) -> str:
     """Follow the endpoint's redirects with HEAD, stopping at another origin (a CDN).
 
     Used when a token is set: a link on another origin needs no token and can go to aria2c
@@ -252,16 +209,15 @@ def resolve_location(session: "requests.Session", job: Job, timeout: float) -> s
     """
     chain = Chain(job)
     for _ in range(10):
-        resp = session.head(chain.url, headers=chain.headers(), allow_redirects=False,
-                            timeout=timeout)
-        if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-            chain.follow(resp.headers["Location"])
-            if chain.left:
-                return chain.url
-            continue
-        if resp.status_code >= 400:
-            raise http_error(resp.status_code, chain.url, resp.headers)
-        return chain.url
+        with pool.request("HEAD", chain.url, chain.headers()) as resp:
+            if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                chain.follow(resp.headers["Location"])
+                if chain.left:
+                    return chain.url
+                continue
+            if resp.status_code >= 400:
+                raise http_error(resp.status_code, chain.url, resp.headers)
+            return chain.url
     raise FetchError("too many redirects")
 
 
@@ -296,13 +252,13 @@ class PythonBackend:
 
     def __init__(self, stall_timeout: float) -> None:
         self.stall_timeout = stall_timeout
-        self.sessions = HttpSessions()
+        self.pool = Pool(min(30, stall_timeout), stall_timeout)
 
     def open(self) -> None:
-        """Nothing runs between files."""
+        """Nothing runs between files (the pool keeps their connections)."""
 
     def close(self) -> None:
-        """Nothing to end."""
+        self.pool.close()
 
     def fetch(self, job: Job, report: Report, stop: threading.Event) -> str | None:
         # -x N splits files from 2 x MIN_PART up; auto (most_connections set) chose the count
@@ -338,16 +294,12 @@ class PythonBackend:
             raise cut_short(done, f.size)
         return hasher.hexdigest()
 
-    def _get(self, job: Job, headers: dict[str, str], have: int) -> "requests.Response":
+    def _get(self, job: Job, headers: dict[str, str], have: int) -> Response:
         """GET the resolve URL, following redirects ourselves so the token stays home."""
-        import requests
         chain = Chain(job)
         try:
             for _ in range(10):
-                resp = self.sessions.get().get(chain.url, headers={**headers, **chain.headers()},
-                                               stream=True, allow_redirects=False,
-                                               timeout=(min(30, self.stall_timeout),
-                                                        self.stall_timeout))
+                resp = self.pool.request("GET", chain.url, {**headers, **chain.headers()})
                 if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                     resp.close()
                     chain.follow(resp.headers["Location"])
@@ -356,11 +308,11 @@ class PythonBackend:
                     resp.close()
                     raise http_error(resp.status_code, chain.url, resp.headers)
                 return resp
-        except requests.RequestException as exc:
+        except NETWORK_ERRORS as exc:
             raise network_error(exc, have, job.file.size, self.stall_timeout) from None
         raise FetchError("too many redirects")
 
-    def _copy(self, resp: "requests.Response", out: IO[bytes], hasher: "hashlib._Hash",
+    def _copy(self, resp: Response, out: IO[bytes], hasher: "hashlib._Hash",
               offset: int, report: Report, stop: threading.Event, size: int) -> int:
         done = offset
         try:
@@ -374,7 +326,7 @@ class PythonBackend:
                 hasher.update(chunk)
                 done += len(chunk)
                 report(done)
-        except _network_errors() as exc:
+        except NETWORK_ERRORS as exc:
             raise network_error(exc, done, size, self.stall_timeout) from None
         return done
 
@@ -492,7 +444,7 @@ class PythonBackend:
                     report()
                     if offset > end:
                         break
-            except _network_errors() as exc:
+            except NETWORK_ERRORS as exc:
                 raise network_error(exc, pieces.done(), job.file.size, self.stall_timeout) from None
         if offset <= end:
             raise cut_short(pieces.done(), job.file.size)
@@ -516,28 +468,17 @@ class PythonBackend:
                                                      "parts": snapshot}, indent=None)
 
 
-def _chunks(resp: "requests.Response", size: int) -> Iterator[bytes]:
+def _chunks(resp: Response, size: int) -> Iterator[bytes]:
     """The body as it arrives: read1 returns what is there (up to `size`) instead of waiting
     for a full chunk, so big chunks stay cheap on fast links and prompt on slow ones."""
-    read1 = getattr(resp.raw, "read1", None)
-    if read1 is None:
-        yield from resp.iter_content(size)
-        return
     while True:
-        chunk = read1(size)
+        chunk = resp.read1(size)
         if not chunk:
             return
         yield chunk
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    import requests
-    import urllib3
-    return (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError,
-            TimeoutError)
-
-
-def _range_starts_at(resp: "requests.Response", offset: int) -> bool:
+def _range_starts_at(resp: Response, offset: int) -> bool:
     if resp.status_code != 206:
         return offset == 0 and resp.status_code == 200
     match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))

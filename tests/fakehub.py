@@ -525,6 +525,12 @@ class _Server(ThreadingHTTPServer):
     # -j 32) would see SYNs dropped and retried a second later, which is the double's fault, not the client's.
     request_queue_size = 1024
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        # select() can report a connection its client reset before accept(): a blocking accept()
+        # would then wait for the next connection and hold shutdown() (a test's teardown) forever.
+        self.socket.settimeout(1.0)
+
 
 class _HandledError(Exception):
     """An error response was already sent."""

@@ -33,7 +33,7 @@ def gated(hub: FakeHub, files: dict | None = None) -> dict:
 
 
 def sent_by_python(headers: dict[str, str]) -> bool:
-    """requests says `keep-alive` and no Want-Digest; wget says `Keep-Alive`, aria2c sends
+    """Our http_pool says `keep-alive` and no Want-Digest; wget says `Keep-Alive`, aria2c sends
     Want-Digest and no Connection header."""
     return headers.get("connection") == "keep-alive" and "want-digest" not in headers
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+from urllib.parse import urlsplit
 import time
 from pathlib import Path
 
@@ -317,9 +318,10 @@ def test_python_backend_keeps_its_connections_alive_through_the_cdn_hop(hub, tmp
     for path in files:
         job = _job(hub, tmp_path, path)
         fetcher.finish_file(job, backend.fetch(job, lambda n: None, threading.Event()))
-    pools = backend.sessions.get().adapters["http://"].poolmanager.pools
-    made = {key.key_port: pools[key].num_connections for key in pools.keys()}
-    assert len(made) == 2 and set(made.values()) == {1}, made      # one to the hub, one to the CDN
+    assert backend.pool.made == 2                    # one to the hub, one to the CDN
+    idle = backend.pool._idle
+    assert sorted(k[2] for k in idle) == sorted({urlsplit(hub.url).port, urlsplit(hub.cdn_url).port})
+    assert [len(v) for v in idle.values()] == [1, 1]
     assert {r.kind for r in hub.requests if r.method == "GET"} >= {"resolve", "cdn"}
 
 
