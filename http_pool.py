@@ -1,6 +1,6 @@
 """Kept-alive HTTP connections for file transfers, shared by the run's threads: one pool of
 idle connections per origin (and proxy), connect and read timeouts, the environment's proxy
-settings read as the Hub API calls read them (urllib's rules: HTTP(S)_PROXY, ALL_PROXY,
+settings read as the Hub API calls read them (urllib's rules: HTTP_PROXY, HTTPS_PROXY,
 NO_PROXY), TLS verified as hub_http verifies it.
 
 http.client directly, not requests: on 3,000 small files with 32 threads, requests spent
@@ -36,7 +36,7 @@ def _proxy_for(scheme: str, host: str) -> str | None:
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
     if not proxies or bypass(host, proxies):
         return None
-    return proxies.get(scheme) or proxies.get("all")
+    return proxies.get(scheme)
 
 
 def _auth_header(proxy_netloc: str) -> dict[str, str]:

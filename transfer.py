@@ -190,6 +190,8 @@ def http_error(status: int, url: str, headers: Mapping[str, str]) -> FetchError:
 def network_error(exc: BaseException, have: int, size: int, stall_timeout: float) -> FetchError:
     """A failure of the connection in plain words, not the socket's exception text."""
     import socket
+    if isinstance(exc, http.client.InvalidURL):       # e.g. a proxy we cannot speak to
+        return FetchError(str(exc)[:200], FailureKind.DENIED)
     if isinstance(exc, ConnectTimeout):
         return FetchError(f"no answer from the server in {min(30, stall_timeout):g} s")
     if isinstance(exc, (TimeoutError, socket.timeout)):
