@@ -33,10 +33,11 @@ TOOLS = ("auto", "aria2c", "wget", "python")
 
 
 def choose_tool(requested: str) -> str:
-    """auto: python, the fastest transport for every kind of repo measured (bench/: one 1 GiB
-    file at -x 16 4.8 s against aria2c's 5.0 s, eight 256 MiB files 4.0 s against 4.8 s, 3,000
-    small files 11.9 s against aria2c's 15.7 s and wget's 13.3 s, 2 GiB uncapped 2.5 s against
-    3.6 s); it also keeps every connection in-process (pooled, no process per file)."""
+    """auto: python, the fastest transport for every kind of repo measured (bench/, idle, at
+    170f7bc: one 1 GiB file at -x 16 4.80 s against aria2c's 4.93 s, eight 256 MiB files at -x 8
+    4.64 s against 7.22 s, 3,000 small files at -j 16 13.0 s against wget's 19.3 s and aria2c's
+    28.6 s, 2 GiB uncapped at -x 1 2.90 s against wget's 4.29 s); it also keeps every
+    connection in-process (pooled, no process per file)."""
     if requested not in TOOLS:
         raise UsageError(f"unknown tool {requested!r}", hint="use aria2c, wget, python or auto")
     if requested == "auto":
