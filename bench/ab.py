@@ -6,6 +6,7 @@ sha256, and the median wall time of each is printed with the ratio B/A.
 
     python -m bench.ab /path/to/old-checkout . --rounds 3 --scenario big small
     python -m bench.ab /path/to/old-checkout . --scenario defaults     # no tuning flags
+    python -m bench.ab /path/to/old-checkout . --scenario eight        # eight 256 MiB, no flags
 """
 from __future__ import annotations
 
@@ -70,9 +71,9 @@ def main() -> int:
     p.add_argument("b", help="checkout B (e.g. after it)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scenario", nargs="+", default=["big", "small"],
-                   choices=["big", "small", "uncapped", "defaults"])
+                   choices=["big", "small", "uncapped", "eight", "defaults"])
     args = p.parse_args()
-    trees = {"A": args.a, "B": args.b}
+    trees = {"A": str(Path(args.a).resolve()), "B": str(Path(args.b).resolve())}  # runs cd elsewhere
     with FakeHub() as hub, tempfile.TemporaryDirectory(prefix="hfdl-ab-") as work:
         if "big" in args.scenario:
             one = {"model.safetensors": Content(1 << 30, seed=1)}
@@ -86,6 +87,10 @@ def main() -> int:
             four = {f"s-{i}.safetensors": Content(512 * MiB, seed=11 + i) for i in range(4)}
             scenario(hub, work, trees, args.rounds, "2 GiB in four, uncapped", four, None, 0.0,
                      ["--tool", "python", "-x", "1", "-j", "4"])
+        if "eight" in args.scenario:            # eight 256 MiB files, no flags
+            eight = {f"m-{i}.safetensors": Content(256 * MiB, seed=21 + i) for i in range(8)}
+            scenario(hub, work, trees, args.rounds, "eight 256 MiB, 20 MB/s/conn, no flags",
+                     eight, 20 * MB, 0.05, [])
         if "defaults" in args.scenario:         # what a user gets: no tuning flag at all
             one = {"model.safetensors": Content(1 << 30, seed=1)}
             scenario(hub, work, trees, args.rounds, "one 1 GiB, 20 MB/s/conn, no flags", one,
