@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.fakehub import Content, FakeHub, content_bytes
-from tests.helpers import Cli, error_lines
+from tests.helpers import Cli, error_lines, wait_for
 
 FILES = {
     "config.json": b'{"model_type": "gpt2"}',
@@ -283,19 +284,22 @@ def test_clean_delete_files_removes_our_hf_metadata(cli: Cli, hub: FakeHub, tmp_
 
 # ---------------------------------------------------------------- the rest, in cache mode
 
+def start_in_cache(cli: Cli, cache: Path, jobs: int) -> subprocess.Popen:
+    """org/model into the hub cache over the python backend, one stream per file (a test then
+    kills it)."""
+    return cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
+                     "-j", str(jobs), "-x", "1")
+
+
 def test_kill9_resume_verify_sync_and_clean_in_cache_mode(cli: Cli, hub: FakeHub,
                                                           tmp_path: Path) -> None:
-    import signal
-
-    from tests.helpers import wait_for
     big = {"a.safetensors": Content(6 << 20, seed=1), "b.safetensors": Content(6 << 20, seed=2),
            "config.json": b"{}"}
     first = hub.add_repo("org/model", big)
     cache = tmp_path / "cache"
     folder = cache / "models--org--model"
     hub.bandwidth_per_conn = 3_000_000
-    proc = cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
-                     "-j", "2", "-x", "1")
+    proc = start_in_cache(cli, cache, jobs=2)
     assert wait_for(lambda: hub.bytes_served() > 4 << 20, 30)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -468,15 +472,11 @@ def test_partial_names_are_huggingface_hubs(tmp_path: Path) -> None:
 
 def test_killed_in_cache_mode_then_hf_hub_download_then_resume(cli: Cli, hub: FakeHub,
                                                                tmp_path: Path) -> None:
-    import signal
-
-    from tests.helpers import wait_for
     commit = hub.add_repo("org/model", BIG)
     cache = tmp_path / "cache"
     folder = cache / "models--org--model"
     hub.bandwidth_per_conn = 2_000_000
-    proc = cli.popen("download", "org/model", "--hf-cache", str(cache), "--tool", "python",
-                     "-j", "3", "-x", "1")
+    proc = start_in_cache(cli, cache, jobs=3)
     assert wait_for(lambda: len([n for n, size in incomplete(folder).items() if size > 1 << 19])
                     == 2, 30)
     os.kill(proc.pid, signal.SIGKILL)
@@ -509,7 +509,6 @@ def test_resume_continues_from_bytes_a_killed_hf_hub_download_left(cli: Cli, hub
                                                                    tmp_path: Path) -> None:
     from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
-    from tests.helpers import wait_for
     files = {**BIG, "a.safetensors": Content(DOWNLOAD_CHUNK_SIZE + (8 << 20), seed=11)}
     commit = hub.add_repo("org/model", files)
     cache = tmp_path / "cache"
@@ -541,7 +540,6 @@ def test_the_blob_lock_held_by_another_program_is_waited_for(cli: Cli, hub: Fake
     from filelock import FileLock
     from huggingface_hub.file_download import repo_folder_name
 
-    from tests.helpers import wait_for
     files = {"config.json": b"{}", "model.safetensors": Content(100_000, seed=4)}
     commit = hub.add_repo("org/model", files)
     cache = tmp_path / "cache"
