@@ -31,6 +31,8 @@ from tools import Aria2Backend, ChildSet, WgetBackend, link_pool, tool_link
 from transfer import (FULL_DISK_ERRNOS, Backend, FailureKind, FetchError, Job,
                       PythonBackend)
 from partial import Partial
+from ranges import LinkProbe
+from stream_hash import hash_speed
 from utils import UnsafePathError, format_size, printable, safe_target
 
 
@@ -73,6 +75,8 @@ SMALL_FILE = 4 << 20         # below this a file is mostly waiting for its first
 RANGED_FROM = 16 << 20       # auto: files from this size up are fetched over several connections
 CONNECTION_BUDGET = 64       # auto: connections the big files being fetched at once start with
 MOST_PER_FILE = 32           # auto: a file's connections grow to this while throughput grows
+ONE_IS_ENOUGH = 1 / 4        # auto: a run moving this share of one core's sha256 speed with one
+                             # connection per big file keeps to one (the CPU is the limit)
 
 
 def auto_jobs(sizes: list[int]) -> int:
@@ -98,6 +102,17 @@ def auto_connections(size: int, big_at_once: int) -> tuple[int, int]:
     return start, max(start, min(MOST_PER_FILE, 2 * start))
 
 
+def probe_text(probe: LinkProbe) -> str:
+    """The run's verdict on its link, for the log."""
+    moved = (f"one connection per big file moved {format_size(int(probe.rate))}/s in all"
+             if probe.rate is not None else "")
+    enough = f"one is enough from {format_size(int(probe.enough))}/s"
+    if probe.capped:
+        return (f"the link is capped per connection ({moved + ', ' if moved else ''}{enough}, "
+                "or less since): big files open all their connections")
+    return f"{moved} ({enough}: the CPU sets the pace): one each"
+
+
 def resolved(opts: Options, sizes: list[int]) -> Options:
     """The options with -j chosen from the files when it was not given (-x stays per file)."""
     import dataclasses
@@ -105,7 +120,8 @@ def resolved(opts: Options, sizes: list[int]) -> Options:
 
 
 def settings_text(tool: str, opts: Options, sizes: list[int] | None) -> str:
-    """-x and -j as the run uses them, for the header: "-x 16 (auto, up to 32) -j 8 (auto)"."""
+    """-x and -j as the run uses them, for the header: "-x 1 or 16 (auto, up to 32) -j 8 (auto)":
+    with python, a big file stays on one connection where one keeps up (ranges.LinkProbe)."""
     if opts.connections:
         x = f"-x {opts.connections}"
     elif sizes is None:
@@ -115,7 +131,8 @@ def settings_text(tool: str, opts: Options, sizes: list[int] | None) -> str:
         jobs = opts.jobs or auto_jobs(sizes)
         start, most = auto_connections(max(big), min(jobs, len(big))) if big else (1, 0)
         grows = f", up to {most}" if most > start and tool == "python" else ""
-        x = f"-x {start} (auto{grows})"
+        first = "1 or " if tool == "python" and start > 1 else ""   # LinkProbe: one may do
+        x = f"-x {first}{start} (auto{grows})"
     j = (f"-j {opts.jobs}" if opts.jobs else "-j auto" if sizes is None
          else f"-j {auto_jobs(sizes)} (auto)")
     return j if tool == "wget" else f"{x} {j}"
@@ -211,6 +228,7 @@ class Run:
     links: Pool | None = None      # for tools.tool_link, made on first use
     token_files: int = 0           # files sent to python because they need the token
     big_at_once: int = 1           # auto -x: big files fetched at the same time
+    probe: LinkProbe | None = None # auto -x: whether one connection per file keeps up
 
     def backend_for(self, job: Job) -> Backend:
         """The chosen tool, except for files it cannot fetch: both tools open every file with
@@ -242,7 +260,8 @@ def make_job(run: Run, f: RemoteFile) -> Job:
     return Job(file=f, final=final, partial=Partial(run.local_dir, f.path, f.expected_hash),
                url=file_url(run.endpoint, meta["repo_id"], meta["repo_type"], meta["commit"], f.path),
                token=run.token, endpoint=run.endpoint, connections=start,
-               max_single_get=run.opts.max_single_get, most_connections=most)
+               max_single_get=run.opts.max_single_get, most_connections=most,
+               probe=run.probe if most else None)
 
 
 def prepare_partial(job: Job, backend: Backend) -> None:
@@ -414,6 +433,8 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
     run = Run(tracker, local_dir, endpoint, token, opts, chosen, ranged, progress, stopper, log)
     run.big_at_once = min(opts.jobs, sum(tracker.by_path[p].size >= RANGED_FROM
                                          for p in paths_todo))
+    if not opts.connections and run.big_at_once:
+        run.probe = LinkProbe(ONE_IS_ENOUGH * hash_speed(), lambda: progress.fetched)
     work: queue.Queue[str] = queue.Queue()
     for p in paths_todo:
         work.put(p)
@@ -438,11 +459,15 @@ def run_downloads(tracker: FileTracker, paths_todo: list[str], *, local_dir: Pat
     for t in threads:
         t.start()
     logged = time.monotonic()
+    said: tuple[bool, bool] = (False, False)    # the probe's verdict, as last logged
     try:
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(0.25 / len(threads))
             progress.tick()
+            if run.probe and (run.probe.judged, run.probe.capped) != said:
+                said = (run.probe.judged, run.probe.capped)
+                log.info("%s", probe_text(run.probe))
             if time.monotonic() - logged >= opts.log_interval:    # the log is never silent
                 logged = time.monotonic()
                 log.info("%s", progress.line())

@@ -5,7 +5,8 @@ else the back half of the range with the most bytes left (as aria2c's --min-spli
 no connection idles while another still has a long way to go and the last bytes of the file
 arrive at about the same time on every connection. With an adaptive count, connections are
 added while the total throughput still grows (a link capped per connection) and no more once it
-does not (a link or a CPU that is already full).
+does not (a link or a CPU that is already full); and a file may first try one connection alone
+(the probe), to learn whether the link needs more at all.
 
 Each range is a list [start, end (inclusive), next offset]; the list is shared with the part
 map saved on disk, so a stolen half is a part of its own there too. Pure bookkeeping: no I/O.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 MiB = 1 << 20
 
@@ -89,23 +91,92 @@ class Pieces:
             return [list(p) for p in self.parts]
 
 
+class LinkProbe:
+    """Whether one connection per big file is enough on the run's link, judged on the run's
+    total throughput while its big files have one connection each: at `enough` bytes/s the CPU,
+    not the link, sets the pace, and more connections cost more than they bring. Judged once
+    `first` seconds of data have come (the probe), then every `every` seconds against half of
+    `enough` (a dip is the CPU's noise, not a capped link); the first time the run moves less,
+    the link is capped per connection for good and every big file opens its connections.
+
+    The total, not each file's own rate: files sharing a CPU take turns, so each one's rate
+    jumps around while their sum holds. `fetched()` gives the run's bytes so far."""
+
+    def __init__(self, enough: float, fetched: Callable[[], int], first: float = 0.1,
+                 every: float = 0.25) -> None:
+        self.enough, self.fetched = enough, fetched
+        self.first, self.every = first, every
+        self.capped = False
+        self.rate: float | None = None          # the run's rate in the probe, once judged
+        self._lock = threading.Lock()
+        self._base: int | None = None
+        self._mark: tuple[float, int] | None = None
+
+    @property
+    def judged(self) -> bool:
+        return self.capped or self.rate is not None
+
+    def capped_now(self, now: float | None = None) -> bool:
+        """Called by the files on one connection; True once the link is known to be capped."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.capped:
+                return True
+            done = self.fetched()
+            if self._mark is None:     # the clock starts at the first bytes seen, which are
+                if self._base is None:  # not counted (they may be a server's first burst)
+                    self._base = done
+                if done > self._base:
+                    self._mark = (now, done)
+                return False
+            since, then = self._mark
+            if now - since < (self.every if self.judged else self.first):
+                return False
+            rate = (done - then) / (now - since)
+            self._mark = (now, done)
+            bar = self.enough / 2 if self.judged else self.enough
+            if self.rate is None:
+                self.rate = rate
+            self.capped = rate < bar
+            return self.capped
+
+
 class Growth:
     """How many connections a file should use: from `start`, doubled each time the total
     throughput over the last `interval` grew by `gain` since the previous doubling, up to
     `most`; once a doubling does not pay, no more. On a link capped per connection a doubling
-    nearly doubles the throughput; on one that is not (or a CPU that is full) it adds nothing."""
+    nearly doubles the throughput; on one that is not (or a CPU that is full) it adds nothing.
 
-    def __init__(self, start: int, most: int, interval: float = 0.25, gain: float = 1.3) -> None:
-        self.wanted = max(1, start)
-        self.most = max(self.wanted, most)
+    With a `probe` whose link is not known to be capped, the file starts on one connection and
+    stays on it while the probe says one is enough; once it says otherwise, the file goes to
+    `start` and grows from there."""
+
+    def __init__(self, start: int, most: int, interval: float = 0.25, gain: float = 1.3,
+                 probe: LinkProbe | None = None) -> None:
+        self.start = max(1, start)
+        self.most = max(self.start, most)
         self.interval, self.gain = interval, gain
+        self.probe = probe if probe is not None and not probe.capped and self.start > 1 else None
+        self.wanted = 1 if self.probe else self.start
+        self._base: int | None = None           # bytes done at the first tick (a resumed file)
         self._mark: tuple[float, int] | None = None
         self._before: float | None = None       # bytes/s before the last doubling
+
+    @property
+    def probing(self) -> bool:
+        """On one connection until the probe has judged (it wants frequent ticks)."""
+        return self.probe is not None and not self.probe.judged
 
     def tick(self, done: int, now: float | None = None) -> int:
         """Called with the bytes done so far; returns the connection count wanted now."""
         now = time.monotonic() if now is None else now
-        if self._mark is None or done == 0:    # measured from the first byte on
+        if self.probe is not None:
+            if not self.probe.capped_now(now):
+                return self.wanted
+            self.probe, self.wanted = None, self.start    # and grow from here
+        if self._base is None:
+            self._base = done
+        if self._mark is None or done == self._base:    # measured from the first byte on
             self._mark = (now, done)
             return self.wanted
         since, then = self._mark

@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 from dataset_manager import RemoteFile
 from http_pool import ConnectTimeout, Pool, Response
 from hub_http import retry_after_header as retry_after_seconds  # files read it as the API does
-from ranges import Growth, Pieces
+from ranges import Growth, LinkProbe, Pieces
 from stream_hash import PrefixHasher
 from partial import Partial
 from utils import HFDError, hash_file, new_hasher, read_json, strip_query, write_json_atomic
@@ -75,6 +75,7 @@ class Job:
     max_single_get: int
     link: str | None = None        # a tokenless download link resolved ahead (see tools.tool_url)
     most_connections: int = 0      # auto: connections may grow to this while throughput grows
+    probe: LinkProbe | None = None # auto: try one connection first (ranges.Growth)
 
     @property
     def needs_ranges(self) -> bool:
@@ -128,10 +129,11 @@ def auth_headers(url: str, job: Job) -> dict[str, str]:
 
 class Chain:
     """The URLs of one request and its redirects, and whether the token may still go along:
-    never again once the chain has left the endpoint's origin, even if it comes back."""
+    never again once the chain has left the endpoint's origin, even if it comes back. A chain
+    may start at a link found by an earlier one that left (`elsewhere`): no token there."""
 
-    def __init__(self, job: Job) -> None:
-        self.job, self.url, self.left = job, job.url, False
+    def __init__(self, job: Job, elsewhere: str | None = None) -> None:
+        self.job, self.url, self.left = job, elsewhere or job.url, elsewhere is not None
 
     def headers(self) -> dict[str, str]:
         return {} if self.left else auth_headers(self.url, self.job)
@@ -147,6 +149,14 @@ class Chain:
         if not same_origin(target, self.job.endpoint):
             self.left = True
         return target
+
+
+class Located:
+    """Where a file's bytes are once a redirect led off the endpoint (a CDN link): its other
+    ranges go straight there, a round trip less each."""
+
+    def __init__(self) -> None:
+        self.url: str | None = None
 
 
 # ---- what went wrong, in plain words: the one wording of each case, whatever the tool
@@ -243,7 +253,7 @@ def write_error(exc: OSError) -> FetchError:
 # ================================================================ the python backend
 
 class PythonBackend:
-    """requests in threads; hashes while writing (one stream) or the finished prefix as it
+    """Connections in threads; hashes while writing (one stream) or the finished prefix as it
     grows (ranged parts for huge files or -x N)."""
 
     name = "python"
@@ -296,9 +306,25 @@ class PythonBackend:
             raise cut_short(done, f.size)
         return hasher.hexdigest()
 
-    def _get(self, job: Job, headers: dict[str, str], have: int) -> Response:
-        """GET the resolve URL, following redirects ourselves so the token stays home."""
+    def _get(self, job: Job, headers: dict[str, str], have: int,
+             located: Located | None = None) -> Response:
+        """GET the resolve URL, following redirects ourselves so the token stays home. With
+        `located`: straight to the CDN link an earlier range of the file was sent to (no token:
+        it is another origin), else it remembers where this one was sent."""
+        if located is not None and located.url:
+            try:
+                return self._follow(job, Chain(job, located.url), headers, have)
+            except FetchError as exc:
+                if exc.kind is FailureKind.STOPPED:
+                    raise
+                located.url = None        # expired or refused there: ask the endpoint again
         chain = Chain(job)
+        resp = self._follow(job, chain, headers, have)
+        if located is not None and chain.left:
+            located.url = chain.url
+        return resp
+
+    def _follow(self, job: Job, chain: Chain, headers: dict[str, str], have: int) -> Response:
         try:
             for _ in range(10):
                 resp = self.pool.request("GET", chain.url, {**headers, **chain.headers()})
@@ -345,11 +371,13 @@ class PythonBackend:
     def _fetch_parts_into(self, job: Job, report: Report, stop: threading.Event,
                           hasher: PrefixHasher) -> None:
         f, path = job.file, job.partial.path
-        pieces = Pieces(self._load_parts(job), self.MIN_SPLIT)
+        growth = Growth(job.connections, job.most_connections or job.connections,
+                        probe=job.probe if job.most_connections else None)
+        pieces = Pieces(self._load_parts(job, growth.wanted), self.MIN_SPLIT)
         with job.partial.open("r+b" if path.exists() else "w+b") as out:
             out.truncate(f.size)
         errors: list[FetchError] = []
-        growth = Growth(job.connections, job.most_connections or job.connections)
+        located = Located()
 
         ended = threading.Event()
 
@@ -364,7 +392,8 @@ class PythonBackend:
                     if part is None:
                         return
                     try:
-                        self._fetch_range(job, pieces, part, progress, stop)
+                        self._fetch_range(job, pieces, part, progress, hasher.feed, located,
+                                          stop)
                     except FetchError as exc:
                         errors.append(exc)
                     except OSError as exc:     # opening the partial: a full disk stops the run
@@ -389,7 +418,7 @@ class PythonBackend:
             running = [t for t in running if t.is_alive()]
             if not running:
                 break
-            ended.wait(0.1)
+            ended.wait(0.02 if growth.probing else 0.1)
             ended.clear()
             growth.tick(pieces.done())
         saver_stop.set()
@@ -403,8 +432,9 @@ class PythonBackend:
             raise errors[0]
         progress()
 
-    def _load_parts(self, job: Job) -> list[list[int]]:
-        """[start, end(inclusive), next offset] per part, from the part map if it matches."""
+    def _load_parts(self, job: Job, connections: int) -> list[list[int]]:
+        """[start, end(inclusive), next offset] per part, from the part map if it matches, else
+        one per connection (connections added later split the ranges left)."""
         f, path = job.file, job.partial.part_map
         try:
             saved = read_json(path)
@@ -412,7 +442,7 @@ class PythonBackend:
                 return [list(map(int, p)) for p in saved["parts"]]
         except (HFDError, KeyError, TypeError, ValueError):
             pass
-        count = max(job.connections, -(-f.size // job.max_single_get))
+        count = max(connections, -(-f.size // job.max_single_get))
         step = max(1, -(-f.size // max(1, count)))
         parts = [[s, min(f.size, s + step) - 1, s] for s in range(0, f.size, step)]
         if job.partial.path.exists() and not path.exists():   # a sequential partial: keep its head
@@ -422,11 +452,12 @@ class PythonBackend:
         return parts
 
     def _fetch_range(self, job: Job, pieces: Pieces, part: list[int], report: Callable[[], None],
+                     feed: Callable[[int, bytes], None], located: Located,
                      stop: threading.Event) -> None:
         """One range, until its end; another connection may take its back half meanwhile
         (its end moves closer: the bytes past it are left to that connection)."""
         offset, end = part[2], pieces.end_of(part)
-        resp = self._get(job, {"Range": f"bytes={offset}-{end}"}, pieces.done())
+        resp = self._get(job, {"Range": f"bytes={offset}-{end}"}, pieces.done(), located)
         with resp, job.partial.open("r+b") as out:
             if not _range_starts_at(resp, offset):
                 raise FetchError("the server ignored a range request")
@@ -441,6 +472,7 @@ class PythonBackend:
                         out.flush()       # on disk before the part map or the hasher counts it
                     except OSError as exc:
                         raise write_error(exc) from None
+                    feed(offset, chunk)   # hashed from memory if it extends the hashed prefix
                     offset += len(chunk)
                     end = pieces.advance(part, offset)
                     report()

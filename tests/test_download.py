@@ -330,7 +330,8 @@ def test_progress_bar_on_a_terminal(cli, hub):
 
 def test_no_flags_picks_per_repo_and_file_and_says_so_once(cli, hub):
     """auto: the python transport; many small files go 32 at once over one connection each; a
-    big file (16 MiB+) over several ranged connections whose ranges an idle one splits."""
+    big file (16 MiB+) tries one connection first and, on a link capped per connection, opens
+    several ranged connections whose ranges an idle one splits."""
     small = {f"d/f{i:02d}.json": b"x" * (100 + i) for i in range(20)}
     hub.add_repo("small", small)
     r = cli("download", "small")
@@ -341,9 +342,28 @@ def test_no_flags_picks_per_repo_and_file_and_says_so_once(cli, hub):
     big = {"model.safetensors": Content(24 << 20, 5), "config.json": b"{}"}
     hub.add_repo("big", big)
     hub.reset_log()
+    hub.bandwidth_per_conn = 8e6          # one connection: 3 s; six: 0.5 s
     r = cli("download", "big")
     assert r.code == 0, r.text
-    assert "tool: python (auto), -x 6 (auto, up to 12) -j 8 (auto)" in r.err, r.err
+    assert "tool: python (auto), -x 1 or 6 (auto, up to 12) -j 8 (auto)" in r.err, r.err
     assert_same_tree(cli.downloads / "big", big)
-    ranges = [q.range for q in hub.requests if q.range and "model" in q.path]
+    ranges = [q.range for q in hub.requests if q.kind == "cdn" and "model" in q.path]
     assert len(ranges) >= 6, ranges
+    log = (cli.root / "logs" / "download.log").read_text()
+    assert "the link is capped per connection" in log, log
+
+
+def test_no_flags_keeps_one_connection_per_file_where_one_keeps_up(cli, hub):
+    """On a link no connection cap holds back (here: loopback, as fast as this machine can
+    hash), each big file stays on its one connection: more would only cost CPU."""
+    big = {f"w{i}.safetensors": Content(128 << 20, 7 + i) for i in range(2)}
+    hub.add_repo("fast", big)
+    r = cli("download", "fast")
+    assert r.code == 0, r.text
+    assert "-x 1 or 16 (auto) -j 8 (auto)" in r.err, r.err
+    assert_same_tree(cli.downloads / "fast", big)
+    gets = [q for q in hub.requests if q.kind == "cdn" and q.method == "GET"]
+    assert len(gets) == 2 and all(q.range and q.range.endswith(f"-{(128 << 20) - 1}")
+                                  for q in gets), [q.range for q in gets]
+    log = (cli.root / "logs" / "download.log").read_text()
+    assert "one connection per big file moved" in log and "one each" in log, log

@@ -1,7 +1,9 @@
 """ranges.py: work stealing between the connections of one file, and the adaptive count."""
 from __future__ import annotations
 
-from ranges import Growth, Pieces, left
+import pytest
+
+from ranges import Growth, LinkProbe, Pieces, left
 
 MiB = 1 << 20
 
@@ -38,3 +40,42 @@ def test_connections_double_while_throughput_grows_and_stop_when_it_does_not() -
     assert capped.tick(1401, now=1.0) == 32
     fixed = Growth(8, 8)
     assert [fixed.tick(n, now=t) for n, t in ((1, 0.0), (100, 1.0), (300, 2.0))] == [8, 8, 8]
+
+
+def test_the_probe_judges_the_runs_total_from_its_first_bytes_on_and_a_cap_is_for_good() -> None:
+    fetched = [0]
+    fast = LinkProbe(100.0, lambda: fetched[0], first=0.1, every=0.25)
+    assert not fast.capped_now(0.0) and not fast.judged            # nothing yet: no clock
+    fetched[0] = 1000                                                # a first burst: not counted
+    assert not fast.capped_now(0.01) and not fast.judged
+    fetched[0] += 12                                                 # 12 B in 0.1 s: 120 B/s
+    assert not fast.capped_now(0.11) and fast.judged and fast.rate == pytest.approx(120)
+    fetched[0] += 15                                                 # 60 B/s: still half of 100
+    assert not fast.capped_now(0.36)
+    fetched[0] += 10                                                 # 40 B/s: capped, for good
+    assert fast.capped_now(0.61) and fast.capped
+    fetched[0] += 1000
+    assert fast.capped_now(0.86)
+    slow = LinkProbe(100.0, lambda: fetched[0])
+    slow.capped_now(1.0)
+    fetched[0] += 1
+    slow.capped_now(1.01)
+    fetched[0] += 5                                                  # 50 B/s in the probe
+    assert slow.capped_now(1.11) and slow.rate == pytest.approx(50)
+
+
+def test_a_probed_file_stays_on_one_connection_until_the_link_is_known_capped() -> None:
+    fetched = [0]
+    probe = LinkProbe(100.0, lambda: fetched[0], first=0.1)
+    g = Growth(8, 16, interval=0.25, probe=probe)
+    assert g.wanted == 1 and g.probing and g.tick(0, now=0.0) == 1
+    fetched[0] = 10
+    assert g.tick(10, now=0.0) == 1                                  # the clock starts
+    fetched[0] += 20                                                 # 200 B/s: one is enough
+    assert g.tick(30, now=0.1) == 1 and not g.probing
+    fetched[0] += 5                                                  # 20 B/s: capped
+    assert g.tick(35, now=0.36) == 8 and g.probe is None
+    assert g.tick(135, now=0.62) == 16                               # and grows from there
+    late = Growth(8, 8, probe=probe)                                 # a file started after that
+    assert late.wanted == 8 and not late.probing
+    assert Growth(1, 1, probe=LinkProbe(1.0, lambda: 0)).wanted == 1   # nothing to probe for

@@ -65,6 +65,22 @@ def test_prefix_hasher_hashes_ahead_and_vouches_only_for_the_listed_bytes(tmp_pa
     assert hasher.finish() is None
 
 
+def test_bytes_written_at_the_front_are_hashed_from_memory_and_the_rest_read_back(
+        tmp_path: Path) -> None:
+    data = bytes(range(256)) * (SIZE // 256)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    hasher = PrefixHasher(path, _remote("f", data))
+    hasher.feed(0, data[:1 << 20])                        # the front: hashed now
+    hasher.feed(2 << 20, b"x" * (1 << 20))                # past a gap: left to the disk
+    assert hasher.hashed == 1 << 20
+    hasher.feed((1 << 20) - 10, data[(1 << 20) - 10:3 << 20])   # overlapping: the new part
+    assert hasher.hashed == 3 << 20
+    hasher.advance(3 << 20)                               # nothing to read back: no thread
+    assert hasher._thread is None
+    assert hasher.finish() == _remote("f", data).expected_hash
+
+
 # ---------------------------------------------------------------- every backend
 
 BACKENDS = ["python-stream", "python-ranged", "aria2c", "wget"]

@@ -340,3 +340,25 @@ def test_ranged_fetch_splits_the_longest_range_for_an_idle_connection(repo_hub, 
     starts = sorted(int(r.range[6:].split("-")[0]) for r in repo_hub.requests
                     if r.range and r.status == 206)
     assert starts[0] == 1000 and len(starts) >= 2 and starts[1] > 1000, starts   # the back half
+
+
+def test_ranges_after_the_first_go_straight_to_the_cdn_link_and_via_the_hub_once_it_expired(
+        hub, tmp_path: Path) -> None:
+    data = _data(4_000_000, 3)
+    hub.add_repo(REPO, {"w.bin": data}, lfs=lambda path, size: True)
+    job = _job(hub, tmp_path / "a", "w.bin", connections=2, max_single_get=500_000)  # 8 ranges
+    backend = PythonBackend(10.0)
+    assert backend.fetch(job, lambda n: None, threading.Event()) == job.file.expected_hash
+    gets = [r for r in hub.requests if r.method == "GET" and r.file == "w.bin"]
+    resolves = [r for r in gets if r.kind == "resolve"]
+    assert len([r for r in gets if r.kind == "cdn"]) >= 8 and len(resolves) <= 2, gets
+    # the signed link expires while the file is fetched: that range asks the hub for a new one
+    hub.reset_log()
+    hub.cdn_url_ttl, hub.bandwidth_per_conn = 1, 1_000_000     # links last < 1 s; the file ~2 s
+    job = _job(hub, tmp_path / "b", "w.bin", connections=2, max_single_get=500_000)
+    assert backend.fetch(job, lambda n: None, threading.Event()) == job.file.expected_hash
+    assert job.partial.path.read_bytes() == data
+    gets = [r for r in hub.requests if r.method == "GET" and r.file == "w.bin"]
+    expired = [i for i, r in enumerate(gets) if r.kind == "cdn" and r.status == 403]
+    assert expired and any(r.kind == "resolve" for r in gets[expired[0]:]), \
+        [(r.kind, r.status) for r in gets]
