@@ -104,9 +104,12 @@ def auto_connections(size: int, big_at_once: int) -> tuple[int, int]:
 
 def probe_text(probe: LinkProbe) -> str:
     """The run's verdict on its link, for the log."""
+    enough = f"one is enough from {format_size(int(probe.enough))}/s"
+    if probe.rate is None and probe.answer is not None and probe.answer >= probe.far:
+        return (f"the server is far (its first answer took {probe.answer * 1000:.0f} ms): big "
+                "files open all their connections")
     moved = (f"one connection per big file moved {format_size(int(probe.rate))}/s in all"
              if probe.rate is not None else "")
-    enough = f"one is enough from {format_size(int(probe.enough))}/s"
     if probe.capped:
         return (f"the link is capped per connection ({moved + ', ' if moved else ''}{enough}, "
                 "or less since): big files open all their connections")

@@ -92,8 +92,9 @@ class Pieces:
 
 
 class LinkProbe:
-    """Whether one connection per big file is enough on the run's link, judged on the run's
-    total throughput while its big files have one connection each: at `enough` bytes/s the CPU,
+    """Whether one connection per big file is enough on the run's link: not if the server is far
+    (see answered), else judged on the run's total throughput while its big files have one
+    connection each: at `enough` bytes/s the CPU,
     not the link, sets the pace, and more connections cost more than they bring. Judged once
     `first` seconds of data have come (the probe), then every `every` seconds against half of
     `enough` (a dip is the CPU's noise, not a capped link); the first time the run moves less,
@@ -103,11 +104,12 @@ class LinkProbe:
     jumps around while their sum holds. `fetched()` gives the run's bytes so far."""
 
     def __init__(self, enough: float, fetched: Callable[[], int], first: float = 0.1,
-                 every: float = 0.25) -> None:
+                 every: float = 0.25, far: float = 0.02) -> None:
         self.enough, self.fetched = enough, fetched
-        self.first, self.every = first, every
+        self.first, self.every, self.far = first, every, far
         self.capped = False
         self.rate: float | None = None          # the run's rate in the probe, once judged
+        self.answer: float | None = None        # seconds the first file request waited
         self._lock = threading.Lock()
         self._base: int | None = None
         self._mark: tuple[float, int] | None = None
@@ -115,6 +117,16 @@ class LinkProbe:
     @property
     def judged(self) -> bool:
         return self.capped or self.rate is not None
+
+    def answered(self, seconds: float) -> None:
+        """A file request got its answer after `seconds`. The first one decides whether the
+        server is far: there one TCP connection cannot fill the link (its window per round
+        trip), so the big files open all their connections at once instead of probing, which
+        would cost them a round trip or more on the connections they wait for."""
+        with self._lock:
+            if self.answer is None:
+                self.answer = seconds
+                self.capped = self.capped or seconds >= self.far
 
     def capped_now(self, now: float | None = None) -> bool:
         """Called by the files on one connection; True once the link is known to be capped."""

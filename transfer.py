@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
@@ -318,19 +319,21 @@ class PythonBackend:
                 if exc.kind is FailureKind.STOPPED:
                     raise
                 located.url = None        # expired or refused there: ask the endpoint again
-        chain = Chain(job)
-        resp = self._follow(job, chain, headers, have)
-        if located is not None and chain.left:
-            located.url = chain.url
-        return resp
+        return self._follow(job, Chain(job), headers, have, located)
 
-    def _follow(self, job: Job, chain: Chain, headers: dict[str, str], have: int) -> Response:
+    def _follow(self, job: Job, chain: Chain, headers: dict[str, str], have: int,
+                located: Located | None = None) -> Response:
         try:
             for _ in range(10):
+                asked = time.monotonic()
                 resp = self.pool.request("GET", chain.url, {**headers, **chain.headers()})
+                if job.probe is not None:
+                    job.probe.answered(time.monotonic() - asked)
                 if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                     resp.close()
                     chain.follow(resp.headers["Location"])
+                    if located is not None and chain.left:
+                        located.url = chain.url     # the file's other ranges: straight there
                     continue
                 if resp.status_code >= 400:
                     resp.close()
