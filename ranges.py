@@ -92,13 +92,13 @@ class Pieces:
 
 
 class LinkProbe:
-    """Whether one connection per big file is enough on the run's link: not if the server is far
-    (see answered), else judged on the run's total throughput while its big files have one
-    connection each: at `enough` bytes/s the CPU,
-    not the link, sets the pace, and more connections cost more than they bring. Judged once
-    `first` seconds of data have come (the probe), then every `every` seconds against half of
-    `enough` (a dip is the CPU's noise, not a capped link); the first time the run moves less,
-    the link is capped per connection for good and every big file opens its connections.
+    """Whether one connection per big file is enough on the run's link. Not if the server is
+    far (see answered); else judged on the run's total throughput while its big files have one
+    connection each: at `enough` bytes/s the CPU, not the link, sets the pace, and more
+    connections cost more than they bring. Judged once `first` seconds of data have come (the
+    probe), then every `every` seconds against half of `enough` (a dip is the CPU's noise, not
+    a capped link). `capped` (one is not enough) is for good: every big file opens its
+    connections from then on.
 
     The total, not each file's own rate: files sharing a CPU take turns, so each one's rate
     jumps around while their sum holds. `fetched()` gives the run's bytes so far."""
