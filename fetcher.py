@@ -106,8 +106,8 @@ def probe_text(probe: LinkProbe) -> str:
     """The run's verdict on its link, for the log."""
     enough = f"one is enough from {format_size(int(probe.enough))}/s"
     if probe.rate is None and probe.answer is not None and probe.answer >= probe.far:
-        return (f"the server is far (its first answer took {probe.answer * 1000:.0f} ms): big "
-                "files open all their connections")
+        return (f"the server is far (its first answers took {probe.answer * 1000:.0f} ms or "
+                "more): big files open all their connections")
     moved = (f"one connection per big file moved {format_size(int(probe.rate))}/s in all"
              if probe.rate is not None else "")
     if probe.capped:

@@ -109,7 +109,8 @@ class LinkProbe:
         self.first, self.every, self.far = first, every, far
         self.capped = False
         self.rate: float | None = None          # the run's rate in the probe, once judged
-        self.answer: float | None = None        # seconds the first file request waited
+        self.answer: float | None = None        # seconds the quicker of the first two waited
+        self._answers: list[float] = []
         self._lock = threading.Lock()
         self._base: int | None = None
         self._mark: tuple[float, int] | None = None
@@ -119,14 +120,17 @@ class LinkProbe:
         return self.capped or self.rate is not None
 
     def answered(self, seconds: float) -> None:
-        """A file request got its answer after `seconds`. The first one decides whether the
-        server is far: there one TCP connection cannot fill the link (its window per round
-        trip), so the big files open all their connections at once instead of probing, which
-        would cost them a round trip or more on the connections they wait for."""
+        """A file request got its answer after `seconds`. The first two (a redirect and the
+        CDN's answer, usually) decide whether the server is far, if both took `far` or more
+        (one alone may be a busy moment): there one TCP connection cannot fill the link (its
+        window per round trip), so the big files open all their connections at once instead
+        of probing, which would cost them a round trip or more on the connections they add."""
         with self._lock:
-            if self.answer is None:
-                self.answer = seconds
-                self.capped = self.capped or seconds >= self.far
+            if len(self._answers) < 2:
+                self._answers.append(seconds)
+                if len(self._answers) == 2:
+                    self.answer = min(self._answers)
+                    self.capped = self.capped or self.answer >= self.far
 
     def capped_now(self, now: float | None = None) -> bool:
         """Called by the files on one connection; True once the link is known to be capped."""

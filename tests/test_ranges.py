@@ -83,11 +83,14 @@ def test_a_probed_file_stays_on_one_connection_until_the_link_is_known_capped() 
 
 def test_a_far_server_skips_the_probe_from_its_first_answer_on() -> None:
     far = LinkProbe(100.0, lambda: 0, far=0.02)
-    far.answered(0.05)                          # the first answer: 50 ms, a far server
-    assert far.capped and far.judged and far.rate is None
+    far.answered(0.05)                          # the redirect: 50 ms
+    assert not far.capped
+    far.answered(0.06)                          # and the CDN: a far server
+    assert far.capped and far.judged and far.rate is None and far.answer == 0.05
     g = Growth(8, 8, probe=far)
     assert g.wanted == 8 and not g.probing
     near = LinkProbe(100.0, lambda: 0, far=0.02)
+    near.answered(0.3)                          # one slow answer: a busy moment
     near.answered(0.001)
-    near.answered(0.5)                          # later answers do not count (a busy server)
-    assert not near.capped and not near.judged
+    near.answered(0.5)                          # later answers do not count
+    assert not near.capped and not near.judged and near.answer == 0.001
