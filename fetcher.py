@@ -111,8 +111,8 @@ def probe_text(probe: LinkProbe) -> str:
     moved = (f"one connection per big file moved {format_size(int(probe.rate))}/s in all"
              if probe.rate is not None else "")
     if probe.capped:
-        return (f"the link is capped per connection ({moved + ', ' if moved else ''}{enough}, "
-                "or less since): big files open all their connections")
+        return (f"the link is capped per connection ({moved + ', ' if moved else ''}{enough})"
+                ": big files open all their connections")
     return f"{moved} ({enough}: the CPU sets the pace): one each"
 
 
@@ -231,7 +231,7 @@ class Run:
     links: Pool | None = None      # for tools.tool_link, made on first use
     token_files: int = 0           # files sent to python because they need the token
     big_at_once: int = 1           # auto -x: big files fetched at the same time
-    probe: LinkProbe | None = None # auto -x: whether one connection per file keeps up
+    probe: LinkProbe | None = None  # auto -x: whether one connection per file keeps up
 
     def backend_for(self, job: Job) -> Backend:
         """The chosen tool, except for files it cannot fetch: both tools open every file with

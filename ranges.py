@@ -108,7 +108,7 @@ class LinkProbe:
         self.enough, self.fetched = enough, fetched
         self.first, self.every, self.far = first, every, far
         self.capped = False
-        self.rate: float | None = None          # the run's rate in the probe, once judged
+        self.rate: float | None = None          # the run's rate at the judgement that stands
         self.answer: float | None = None        # seconds the quicker of the first two waited
         self._answers: list[float] = []
         self._lock = threading.Lock()
@@ -151,9 +151,9 @@ class LinkProbe:
             rate = (done - then) / (now - since)
             self._mark = (now, done)
             bar = self.enough / 2 if self.judged else self.enough
-            if self.rate is None:
-                self.rate = rate
             self.capped = rate < bar
+            if self.capped or self.rate is None:
+                self.rate = rate
             return self.capped
 
 

@@ -76,7 +76,7 @@ class Job:
     max_single_get: int
     link: str | None = None        # a tokenless download link resolved ahead (see tools.tool_url)
     most_connections: int = 0      # auto: connections may grow to this while throughput grows
-    probe: LinkProbe | None = None # auto: try one connection first (ranges.Growth)
+    probe: LinkProbe | None = None  # auto: try one connection first (ranges.Growth)
 
     @property
     def needs_ranges(self) -> bool:
